@@ -49,7 +49,7 @@ pub mod sync {
 
 /// Data-area sizes the halves accept: non-zero multiples of 8 below 2 GiB (so index sums fit a u32).
 fn checked_size(size: u32) -> Result<u32, RingError> {
-    if size == 0 || size % 8 != 0 || size > 0x8000_0000 {
+    if size == 0 || !size.is_multiple_of(8) || size > 0x8000_0000 {
         return Err(RingError::BadSize(size));
     }
     Ok(size)
@@ -57,7 +57,7 @@ fn checked_size(size: u32) -> Result<u32, RingError> {
 
 /// An index the peer wrote: inside the data area and 8-byte aligned.
 fn checked_index(field: &'static str, value: u32, size: u32) -> Result<u32, RingError> {
-    if value >= size || value % 8 != 0 {
+    if value >= size || !value.is_multiple_of(8) {
         return Err(RingError::BadIndex { field, value, size });
     }
     Ok(value)

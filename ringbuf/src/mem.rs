@@ -176,19 +176,26 @@ mod heap {
             unsafe { self.base.as_ptr().add(CONTROL_PAGE_SIZE) }
         }
 
-        /// Raw access to the whole ring (control page + data) for tests that play a hostile peer.
-        ///
-        /// # Safety
-        /// The caller must not race a live reader or writer on the same bytes without atomics.
-        pub unsafe fn raw_bytes_mut(&self) -> &mut [u8] {
-            // SAFETY: the allocation is valid for CONTROL_PAGE_SIZE + data_len bytes; exclusivity is
-            // the caller's promise.
-            unsafe {
-                core::slice::from_raw_parts_mut(
-                    self.base.as_ptr(),
-                    CONTROL_PAGE_SIZE + self.data_len as usize,
-                )
+        /// Overwrites raw bytes of the ring (control page at 0, data at 4096) without any of the
+        /// ring's rules: how tests play a hostile peer. `false` if the range is outside the ring.
+        pub fn poke(&self, offset: usize, bytes: &[u8]) -> bool {
+            let total = CONTROL_PAGE_SIZE + self.data_len as usize;
+            if offset
+                .checked_add(bytes.len())
+                .is_none_or(|end| end > total)
+            {
+                return false;
             }
+            // SAFETY: the range lies inside the allocation (checked above); the ring's shared bytes
+            // are only ever accessed by copies and atomics, as a peer process would access them.
+            unsafe {
+                core::ptr::copy_nonoverlapping(
+                    bytes.as_ptr(),
+                    self.base.as_ptr().add(offset),
+                    bytes.len(),
+                );
+            }
+            true
         }
     }
 

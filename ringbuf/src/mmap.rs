@@ -26,7 +26,7 @@ impl MappedRing {
     /// Maps a ring stored contiguously: control page at byte `offset` of `fd`, then
     /// `ring_len - 4096` bytes of data.
     pub fn map(fd: BorrowedFd<'_>, offset: u64, ring_len: usize) -> io::Result<Self> {
-        if ring_len % PAGE_SIZE != 0 || ring_len < 2 * PAGE_SIZE {
+        if !ring_len.is_multiple_of(PAGE_SIZE) || ring_len < 2 * PAGE_SIZE {
             return Err(invalid("ring length must be at least two whole pages"));
         }
         let pages: Vec<u64> = (0..(ring_len / PAGE_SIZE) as u64)

@@ -52,9 +52,8 @@ impl Doorbell {
             return Err(io::Error::last_os_error());
         }
         // SAFETY: `raw` is a fresh descriptor owned by nobody else.
-        Ok(Doorbell {
-            fd: unsafe { OwnedFd::from_raw_fd(raw) },
-        })
+        let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+        Ok(Doorbell { fd })
     }
 
     /// Wraps an eventfd received from elsewhere. It must be non-blocking: [`Self::wait`] polls first

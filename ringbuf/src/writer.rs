@@ -55,7 +55,7 @@ impl<'a> OutgoingPacket<'a> {
 
     /// `(offset8, len8)` of this packet, or why it cannot be encoded.
     pub fn encoded_lengths(&self) -> Result<(u16, u16), WriteError> {
-        if self.headers.len() % 8 != 0 {
+        if !self.headers.len().is_multiple_of(8) {
             return Err(WriteError::UnalignedHeader(self.headers.len()));
         }
         let offset = DESCRIPTOR_SIZE + self.headers.len();
