@@ -27,6 +27,8 @@ pub mod reader;
 pub mod writer;
 
 #[cfg(all(feature = "std", not(loom)))]
+pub mod handoff;
+#[cfg(all(feature = "std", not(loom)))]
 pub mod mmap;
 #[cfg(all(feature = "std", not(loom)))]
 pub mod signal;

@@ -26,7 +26,9 @@ fn op() -> impl Strategy<Value = Op> {
 }
 
 fn payload_bytes(id: u64, len: usize) -> Vec<u8> {
-    (0..len).map(|j| (id as usize * 131 + j * 7) as u8).collect()
+    (0..len)
+        .map(|j| (id as usize * 131 + j * 7) as u8)
+        .collect()
 }
 
 /// GPA-direct header with one range covering `len` bytes from offset 100 of made-up pages.
@@ -93,7 +95,11 @@ fn run(ops: Vec<Op>, pages: usize) -> Result<(), TestCaseError> {
                     let (lo, hi) = (*a.min(b), *a.max(b));
                     let parts: [&[u8]; 3] = [&payload[..lo], &payload[lo..hi], &payload[hi..]];
                     let pkt = OutgoingPacket {
-                        packet_type: if *gpa { PacketType::GpaDirect } else { PacketType::InBand },
+                        packet_type: if *gpa {
+                            PacketType::GpaDirect
+                        } else {
+                            PacketType::InBand
+                        },
                         completion_requested: *id % 3 == 0,
                         trans_id: *id,
                         headers,
@@ -210,18 +216,43 @@ fn exact_fit_and_full() {
     // Footprint of a packet with p payload bytes (p % 8 == 0) is 16 + p + 8.
     let big = vec![1u8; 4096 - 24 - 24 - 32];
     let small = [2u8; 0];
-    assert!(w.try_write(&OutgoingPacket::in_band(1, false, &[&big])).unwrap());
-    assert!(!w.try_write(&OutgoingPacket::in_band(2, false, &[&small])).unwrap());
+    assert!(
+        w.try_write(&OutgoingPacket::in_band(1, false, &[&big]))
+            .unwrap()
+    );
+    assert!(
+        !w.try_write(&OutgoingPacket::in_band(2, false, &[&small]))
+            .unwrap()
+    );
     assert_eq!(w.free_bytes().unwrap(), 32);
     // A 32-byte packet would leave nothing free: refused.
     let eight = [3u8; 8];
-    let err = w.try_write(&OutgoingPacket::in_band(3, false, &[&eight])).unwrap_err();
-    assert_eq!(err, WriteError::Full { needed: 32, free: 32 });
+    let err = w
+        .try_write(&OutgoingPacket::in_band(3, false, &[&eight]))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        WriteError::Full {
+            needed: 32,
+            free: 32
+        }
+    );
     // A 24-byte one is the exact fit: it leaves the one reserved word.
-    assert!(!w.try_write(&OutgoingPacket::in_band(3, false, &[&small])).unwrap());
+    assert!(
+        !w.try_write(&OutgoingPacket::in_band(3, false, &[&small]))
+            .unwrap()
+    );
     assert_eq!(w.free_bytes().unwrap(), 8);
-    let err = w.try_write(&OutgoingPacket::in_band(4, false, &[&small])).unwrap_err();
-    assert_eq!(err, WriteError::Full { needed: 24, free: 8 });
+    let err = w
+        .try_write(&OutgoingPacket::in_band(4, false, &[&small]))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        WriteError::Full {
+            needed: 24,
+            free: 8
+        }
+    );
     // Too large for this ring whatever is free.
     let huge = vec![0u8; 4096];
     assert!(matches!(
@@ -246,11 +277,20 @@ fn pending_send_size_crossing() {
     let mut r = RingReader::new(&ring).unwrap();
     let p = vec![0u8; 1000]; // footprint 1024
     for i in 0..3 {
-        w.try_write(&OutgoingPacket::in_band(i, false, &[&p])).unwrap();
+        w.try_write(&OutgoingPacket::in_band(i, false, &[&p]))
+            .unwrap();
     }
     assert_eq!(w.free_bytes().unwrap(), 1024);
-    let err = w.try_write(&OutgoingPacket::in_band(9, false, &[&p])).unwrap_err();
-    assert_eq!(err, WriteError::Full { needed: 1024, free: 1024 });
+    let err = w
+        .try_write(&OutgoingPacket::in_band(9, false, &[&p]))
+        .unwrap_err();
+    assert_eq!(
+        err,
+        WriteError::Full {
+            needed: 1024,
+            free: 1024
+        }
+    );
     assert!(w.peer_supports_pending_send());
     // Ask for space; not there yet.
     assert!(!w.request_space(1024).unwrap());
@@ -275,13 +315,25 @@ fn interrupt_mask_suppresses_signal() {
     let mut w = RingWriter::new(&ring).unwrap();
     let mut r = RingReader::new(&ring).unwrap();
     r.mask_interrupts();
-    assert!(!w.try_write(&OutgoingPacket::in_band(1, false, &[b"abc"])).unwrap());
-    assert!(r.unmask_interrupts().unwrap(), "data published while masked must be reported");
+    assert!(
+        !w.try_write(&OutgoingPacket::in_band(1, false, &[b"abc"]))
+            .unwrap()
+    );
+    assert!(
+        r.unmask_interrupts().unwrap(),
+        "data published while masked must be reported"
+    );
     let mut buf = Vec::new();
     r.read_into(&mut buf).unwrap().unwrap();
     r.commit().unwrap();
     assert!(!r.unmask_interrupts().unwrap());
-    assert!(w.try_write(&OutgoingPacket::in_band(2, false, &[b"abc"])).unwrap());
+    assert!(
+        w.try_write(&OutgoingPacket::in_band(2, false, &[b"abc"]))
+            .unwrap()
+    );
     // Not empty before: no signal for the second packet.
-    assert!(!w.try_write(&OutgoingPacket::in_band(3, false, &[b"abc"])).unwrap());
+    assert!(
+        !w.try_write(&OutgoingPacket::in_band(3, false, &[b"abc"]))
+            .unwrap()
+    );
 }
