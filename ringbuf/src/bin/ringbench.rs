@@ -136,7 +136,6 @@ fn arrayqueue_64(n: u64) -> Result<f64> {
     for i in 0..n {
         let mut m = [0u8; 64];
         m[0] = i as u8;
-        let mut m = m;
         while let Err(back) = q.push(m) {
             m = back;
             std::hint::spin_loop();
