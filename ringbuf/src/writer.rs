@@ -264,7 +264,9 @@ impl<M: RingMem> RingWriter<M> {
     /// waits for the signal, retries, and calls [`Self::clear_space_request`] once written.
     pub fn request_space(&mut self, footprint: u32) -> Result<bool, RingError> {
         self.check_broken()?;
-        let want = footprint.next_multiple_of(8).min(self.size);
+        // Clamp before rounding: `size` is a multiple of 8 below 2^31, so this cannot overflow
+        // (rounding first overflowed for footprints above u32::MAX - 7).
+        let want = footprint.min(self.size).next_multiple_of(8);
         self.mem
             .control(ControlWord::PendingSendSize)
             .store(want, Ordering::Relaxed);
@@ -342,8 +344,10 @@ impl<M: RingMem> WriteBatch<'_, M> {
         self.count == 0
     }
 
-    /// Publishes every packet in the batch. `Ok(true)` = signal the reader.
+    /// Publishes every packet in the batch. `Ok(true)` = signal the reader. A writer broken by a
+    /// peer error (even one met by a later write of this same batch) publishes nothing.
     pub fn commit(self) -> Result<bool, RingError> {
+        self.writer.check_broken()?;
         if self.count == 0 {
             return Ok(false);
         }
