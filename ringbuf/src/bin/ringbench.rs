@@ -8,9 +8,16 @@
 //!   same `Sender`/`Receiver` pair between two threads of one process.
 //!
 //! Each figure is the median of several runs. The last lines are `RESULT ...` for scripts.
+//!
+//! `--cfg loom` compiles `HeapRing`, `signal` and `handoff` out of the library, yet
+//! `cargo test --test loom` still builds every binary of the package: under loom this is an empty
+//! program.
+#![cfg_attr(loom, allow(dead_code, unused_imports, unused_macros))]
 
 use crossbeam::queue::ArrayQueue;
+#[cfg(not(loom))]
 use ringbuf::handoff::SharedRing;
+#[cfg(not(loom))]
 use ringbuf::{HeapRing, OutgoingPacket, PacketType, RingReader, RingWriter, WriteError};
 use std::hint::black_box;
 use std::io::{BufRead, BufReader, Write};
@@ -43,6 +50,10 @@ struct Config {
     runs: usize,
 }
 
+#[cfg(loom)]
+fn main() {}
+
+#[cfg(not(loom))]
 fn main() -> Result<()> {
     // SAFETY: the parent passes these descriptors to this child only; taken once, here.
     if let Some(ring) = unsafe { SharedRing::from_env(CHILD_ENV) }? {
@@ -146,6 +157,7 @@ fn arrayqueue_64(n: u64) -> Result<f64> {
 }
 
 /// Writer thread pushes `n` packets of `size` bytes through a spinning reader; returns packets/s.
+#[cfg(not(loom))]
 fn ring_pipe(n: u64, size: usize, data_pages: usize, batch: usize) -> Result<f64> {
     let ring = Arc::new(HeapRing::new(data_pages).ok_or_else(|| err!("alloc"))?);
     let reader = {
@@ -198,10 +210,12 @@ fn ring_pipe(n: u64, size: usize, data_pages: usize, batch: usize) -> Result<f64
     Ok(rate(n, t.elapsed()))
 }
 
+#[cfg(not(loom))]
 fn ring_64(n: u64) -> Result<f64> {
     ring_pipe(n, 64, 16, 32)
 }
 
+#[cfg(not(loom))]
 fn ring_64k(n: u64) -> Result<f64> {
     ring_pipe(n, 65536, 256, 4)
 }
@@ -220,6 +234,7 @@ fn memcpy_64k(n: u64) -> Result<f64> {
 }
 
 /// Receives until the completion packet that ends a run; returns the data packets seen.
+#[cfg(not(loom))]
 fn drain<M: ringbuf::RingMem>(rx: &mut ringbuf::signal::Receiver<M>) -> Result<u64> {
     let (mut got, mut done) = (0u64, false);
     let mut dst = [0u8; 64];
@@ -236,6 +251,7 @@ fn drain<M: ringbuf::RingMem>(rx: &mut ringbuf::signal::Receiver<M>) -> Result<u
 }
 
 /// Sends `n` 64-byte packets in batches of 32, then the end marker.
+#[cfg(not(loom))]
 fn send_run<M: ringbuf::RingMem>(tx: &mut ringbuf::signal::Sender<M>, n: u64) -> Result<()> {
     let payload = [0x5Au8; 64];
     let parts: [&[u8]; 1] = [&payload];
@@ -252,6 +268,7 @@ fn send_run<M: ringbuf::RingMem>(tx: &mut ringbuf::signal::Sender<M>, n: u64) ->
     Ok(())
 }
 
+#[cfg(not(loom))]
 fn channel_inproc(n: u64) -> Result<f64> {
     let ring = SharedRing::create("ringbench", 16)?;
     let mut rx = ring.receiver()?;
@@ -264,6 +281,7 @@ fn channel_inproc(n: u64) -> Result<f64> {
     Ok(rate(n, t.elapsed()))
 }
 
+#[cfg(not(loom))]
 fn channel_xproc(n: u64) -> Result<f64> {
     let ring = SharedRing::create("ringbench", 16)?;
     let mut cmd = Command::new(std::env::current_exe()?);
@@ -285,6 +303,7 @@ fn channel_xproc(n: u64) -> Result<f64> {
     Ok(rate(n, elapsed))
 }
 
+#[cfg(not(loom))]
 fn xproc_child(ring: SharedRing) -> Result<()> {
     let mut rx = ring.receiver()?;
     let mut out = std::io::stdout().lock();
