@@ -28,7 +28,7 @@ cargo test --workspace --locked
 
 step "no_std builds (x86_64-unknown-none)"
 cargo build --locked --target x86_64-unknown-none -p ringbuf --no-default-features
-cargo build --locked --target x86_64-unknown-none -p vmbus-core -p vsc-guest
+cargo build --locked --target x86_64-unknown-none -p vmbus-core -p vsc-guest --no-default-features
 
 step "loom models"
 RUSTFLAGS="--cfg loom" CARGO_TARGET_DIR=target/loom \

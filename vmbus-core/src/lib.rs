@@ -5,7 +5,7 @@
 //! - [`wire`]: the VMBus channel-management messages (`CHANNELMSG_*`) byte-exact with Linux
 //!   `hv_vmbus`, the wire [`wire::Guid`], protocol [`wire::Version`]s, and a total parser /
 //!   serializer ([`wire::ChannelMessage`]).
-#![cfg_attr(not(test), no_std)]
+#![cfg_attr(not(any(test, feature = "std")), no_std)]
 
 extern crate alloc;
 
@@ -14,4 +14,9 @@ extern crate alloc;
 #[cfg(target_endian = "big")]
 compile_error!("vmbus-core's wire structs assume a little-endian target");
 
+pub mod device;
+pub mod gpadl;
+pub mod guest;
+pub mod host;
+pub mod synic;
 pub mod wire;
