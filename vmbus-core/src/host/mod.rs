@@ -13,6 +13,8 @@
 mod server;
 mod snapshot;
 #[cfg(test)]
+mod proptests;
+#[cfg(test)]
 mod tests;
 
 pub use server::Server;

@@ -96,6 +96,41 @@ impl Server {
         self.gpadls.get(&handle)
     }
 
+    /// Checks the server's internal consistency (used by tests and fuzzing): every open ring's GPADL
+    /// exists and belongs to its channel, deferred teardowns name live GPADLs, sub-channels have a
+    /// primary, nothing but pending channels exists while disconnected.
+    pub fn check_invariants(&self) -> Result<(), &'static str> {
+        for (&relid, c) in &self.channels {
+            if relid == 0 || relid > self.config.max_relid {
+                return Err("relid out of range");
+            }
+            if self.channels.get(&c.primary).is_none_or(|p| p.subchannel_index != 0) {
+                return Err("channel without a primary");
+            }
+            if let ChannelState::Opening { gpadl, target_vp } | ChannelState::Open { gpadl, target_vp } = c.state {
+                if self.gpadls.get(&gpadl).is_none_or(|g| g.relid != relid) {
+                    return Err("open channel without its ring GPADL");
+                }
+                if target_vp >= self.config.vp_count {
+                    return Err("open channel targets a missing VP");
+                }
+            }
+            if self.conn.is_none() && c.state != ChannelState::Pending {
+                return Err("channel state while disconnected");
+            }
+        }
+        if !self.tearing_down.iter().all(|h| self.gpadls.contains_key(h) && self.gpadl_in_use(*h)) {
+            return Err("deferred teardown of a GPADL not in use");
+        }
+        if self.gpadls.keys().any(|h| self.building.contains_key(h)) {
+            return Err("GPADL both complete and in progress");
+        }
+        if self.gpadls.len() + self.building.len() > self.config.gpadl_limits.max_gpadls {
+            return Err("too many GPADLs");
+        }
+        Ok(())
+    }
+
     /// The next thing to do, in order.
     pub fn poll_action(&mut self) -> Option<HostAction> {
         self.actions.pop_front()
