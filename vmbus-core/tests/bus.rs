@@ -11,10 +11,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use vmbus_core::device::{DeviceDescription, OpenChannelInfo};
+use vmbus_core::device::{
+    ChannelControl, DeviceDescription, DeviceError, OpenChannelInfo, VmbusDevice,
+};
 use vmbus_core::gpadl::RamRanges;
 use vmbus_core::guest::{Client, ClientConfig, ClientEvent, OpenParams};
-use vmbus_core::host::{HostAction, Server, ServerConfig};
+use vmbus_core::host::{HostAction, Server, ServerConfig, ServerSnapshot};
 use vmbus_core::wire::{Guid, Version, class};
 
 const RAM_PAGES: u64 = 4096;
@@ -217,6 +219,46 @@ fn device(n: u128) -> DeviceDescription {
     DeviceDescription::new(class::SCSI, Guid::from_u128(0xabc0 + n))
 }
 
+/// The echo device behind the narrow VSP trait: what the host hands over on open and close.
+struct EchoVsp {
+    ram: Arc<File>,
+    bells: Arc<Bells>,
+    running: Option<EchoDevice>,
+    echoed: u64,
+}
+
+impl VmbusDevice for EchoVsp {
+    fn description(&self) -> DeviceDescription {
+        device(1)
+    }
+
+    fn open(
+        &mut self,
+        channel: OpenChannelInfo,
+        _bus: &mut dyn ChannelControl,
+    ) -> Result<(), DeviceError> {
+        if self.running.is_some() {
+            return Err(DeviceError::NoResources);
+        }
+        self.running = Some(EchoDevice::open(&self.ram, &channel, &self.bells));
+        Ok(())
+    }
+
+    fn close(&mut self, _relid: u32) {
+        if let Some(d) = self.running.take() {
+            self.echoed += d.close();
+        }
+    }
+}
+
+struct NoSubchannels;
+
+impl ChannelControl for NoSubchannels {
+    fn offer_subchannels(&mut self, _count: u16) -> u16 {
+        0
+    }
+}
+
 fn expect_event(bus: &mut Bus, want: impl Fn(&ClientEvent) -> bool) -> ClientEvent {
     bus.pump();
     let events = bus.take_events();
@@ -233,8 +275,15 @@ fn full_lifecycle_with_an_echo_device() {
         Version::LINUX_NEGOTIATION_ORDER.to_vec(),
         ServerConfig::default().versions,
     );
-    let ram = ring_memfd("guest-ram", RAM_PAGES * 4096).unwrap();
-    let echo_relid = bus.server.add_device(device(1)).unwrap();
+    let ram = Arc::new(ring_memfd("guest-ram", RAM_PAGES * 4096).unwrap());
+    let bells = Arc::new(Bells::new());
+    let mut vsp = EchoVsp {
+        ram: ram.clone(),
+        bells: bells.clone(),
+        running: None,
+        echoed: 0,
+    };
+    let echo_relid = bus.server.add_device(vsp.description()).unwrap();
     let other_relid = bus.server.add_device(device(2)).unwrap();
 
     // Connect and enumerate.
@@ -293,9 +342,8 @@ fn full_lifecycle_with_an_echo_device() {
         panic!("{work:?}")
     };
     assert_eq!(info.ring_pages, ring_pfns);
-    let bells = Bells::new();
-    let echo = EchoDevice::open(&ram, info, &bells);
-    bus.server.complete_open(echo_relid, true).unwrap();
+    let opened = vsp.open(info.clone(), &mut NoSubchannels).is_ok();
+    bus.server.complete_open(echo_relid, opened).unwrap();
     expect_event(
         &mut bus,
         |e| matches!(e, ClientEvent::OpenResult { relid, status: 0 } if *relid == echo_relid),
@@ -324,7 +372,22 @@ fn full_lifecycle_with_an_echo_device() {
     });
     let mut next = 1u64;
     let mut buf = [0u8; 40];
+    let mut restored = false;
     while next <= PACKETS {
+        if !restored && next > PACKETS / 2 {
+            // Mid-I/O: save the bus, restore it into a fresh server and carry on with it (the
+            // rings' positions live in guest memory, the device keeps running).
+            let bytes = bus.server.save().to_bytes();
+            let snap = ServerSnapshot::from_bytes(&bytes).unwrap();
+            bus.server = Server::restore(
+                bus.server.config().clone(),
+                RamRanges(vec![(0, RAM_PAGES)]),
+                snap,
+            )
+            .unwrap();
+            assert_eq!(bus.server.open_info(echo_relid).as_ref(), Some(info));
+            restored = true;
+        }
         rx.recv_batch(64, TIMEOUT, |pkt| {
             assert_eq!(pkt.packet_type(), PacketType::Completion);
             assert_eq!(pkt.trans_id(), next);
@@ -346,7 +409,8 @@ fn full_lifecycle_with_an_echo_device() {
     bus.client.close_channel(echo_relid).unwrap();
     bus.pump();
     assert_eq!(bus.take_work(), [HostAction::Close { relid: echo_relid }]);
-    assert_eq!(echo.close(), PACKETS);
+    vsp.close(echo_relid);
+    assert_eq!(vsp.echoed, PACKETS);
     bus.client.teardown_gpadl(echo_relid, ring_gpadl).unwrap();
     expect_event(
         &mut bus,
