@@ -1,6 +1,7 @@
 //! Guest client ↔ host server, in one process: every version, enumeration, GPADLs, open, an echo
 //! device moving 1 M packets through rings in shared "guest RAM" (a memfd, mapped page by page from
 //! the GPADL as a VSP would), close, rescind and re-offer, unload and reconnect.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
 use ringbuf::mmap::{MappedRing, ring_memfd};
 use ringbuf::signal::{Doorbell, Receiver, Sender};
