@@ -696,3 +696,62 @@ fn snapshot_round_trip_mid_session() {
     evil[9..17].copy_from_slice(&u64::MAX.to_le_bytes());
     assert!(ServerSnapshot::from_bytes(&evil).is_err());
 }
+
+#[test]
+fn message_floods_stay_bounded_and_other_channels_keep_working() {
+    let mut h = Harness::new(1);
+    let a = h.server.add_device(desc(1)).unwrap();
+    let b = h.server.add_device(desc(2)).unwrap();
+    h.connect();
+    // 20,000 GPADL headers that never complete: the GPADL table stops at its limit and every
+    // refusal is answered (Linux waits for GPADL_CREATED).
+    let limit = h.server.config().gpadl_limits.max_gpadls;
+    let mut refused = 0;
+    for handle in 1..=20_000u32 {
+        let words = [
+            GpaRange {
+                byte_count: 8 * 4096,
+                byte_offset: 0,
+            }
+            .to_word(),
+            1,
+        ];
+        let r = h.post(
+            1,
+            ChannelMessage::GpadlHeader {
+                msg: GpadlHeader {
+                    child_relid: a,
+                    gpadl: handle,
+                    range_buflen: 72,
+                    rangecount: 1,
+                    ..Default::default()
+                },
+                words: GpadlWords::from_u64s(&words),
+            },
+        );
+        if r.is_err() {
+            refused += 1;
+        }
+        // The driver drains after each message, as a SynIC port would.
+        h.actions();
+    }
+    assert_eq!(refused, 20_000 - limit);
+    assert!(h.server.check_invariants().is_ok());
+    // Garbage and out-of-state floods change nothing.
+    for i in 0..20_000u32 {
+        let _ = h.server.handle_message(1, &i.to_le_bytes());
+        let _ = h.post(1, ChannelMessage::RequestOffers(RequestOffers::default()));
+    }
+    assert!(h.sent().is_empty());
+    // Tearing the stuck ones down is refused (never completed); the other device still works
+    // once the guest frees a slot by unloading and reconnecting.
+    h.post(1, ChannelMessage::Unload(Unload::default()))
+        .unwrap();
+    h.actions();
+    h.connect();
+    h.gpadl(b, 0x10, 100, 8).unwrap();
+    h.open(b, 0x10, 4, 0).unwrap();
+    h.actions();
+    h.server.complete_open(b, true).unwrap();
+    assert_eq!(open_result(&h.sent()), Some((b, 0)));
+}
