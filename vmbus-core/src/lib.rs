@@ -18,5 +18,6 @@ pub mod device;
 pub mod gpadl;
 pub mod guest;
 pub mod host;
+pub mod memory;
 pub mod synic;
 pub mod wire;
