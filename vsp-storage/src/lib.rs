@@ -1,1 +1,4 @@
-//! Storage VSP (storvsp): vstor protocol, SCSI emulation, raw/VHD backends over io_uring, VHD tools and the vhost-user-blk bridge (not yet built; see issue 6).
+//! Storage VSP (storvsp): the vstor protocol over VMBus, SCSI emulation, disk backends (raw files
+//! through io_uring, VHD fixed/dynamic/differencing) and the VHD tools.
+
+pub mod block;
