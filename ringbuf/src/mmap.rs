@@ -38,12 +38,19 @@ impl MappedRing {
     /// Maps a ring whose pages sit at the given byte offsets of `fd`: the first is the control page,
     /// the rest are the data pages in order (the shape of a GPADL over guest RAM).
     pub fn map_pages(fd: BorrowedFd<'_>, page_offsets: &[u64]) -> io::Result<Self> {
-        let data_pages = page_offsets
+        let pages: Vec<(BorrowedFd<'_>, u64)> = page_offsets.iter().map(|&o| (fd, o)).collect();
+        Self::map_page_list(&pages)
+    }
+
+    /// Maps a ring whose pages may sit in different files (guest RAM split into several memfd
+    /// regions): each entry is `(fd, byte offset)` of one page, control page first.
+    pub fn map_page_list(pages: &[(BorrowedFd<'_>, u64)]) -> io::Result<Self> {
+        let data_pages = pages
             .len()
             .checked_sub(1)
             .filter(|&n| n > 0)
             .ok_or_else(|| invalid("a ring needs a control page and at least one data page"))?;
-        if page_offsets.iter().any(|o| o % PAGE_SIZE as u64 != 0) {
+        if pages.iter().any(|(_, o)| o % PAGE_SIZE as u64 != 0) {
             return Err(invalid("ring page offsets must be page aligned"));
         }
         let data_len = data_pages
@@ -74,25 +81,30 @@ impl MappedRing {
             map_len,
             data_len,
         };
-        // Slot i of the mapping shows file page `file_page(i)`.
-        let file_page = |slot: usize| -> u64 {
+        // Slot i of the mapping shows page `page(i)`: control, data..., data again.
+        let page = |slot: usize| -> (BorrowedFd<'_>, u64) {
             if slot == 0 {
-                page_offsets[0]
+                pages[0]
             } else {
-                page_offsets[1 + (slot - 1) % data_pages]
+                pages[1 + (slot - 1) % data_pages]
             }
         };
         let slots = 1 + 2 * data_pages;
         let mut run_start = 0;
         while run_start < slots {
+            let (fd, start_offset) = page(run_start);
             let mut run_end = run_start + 1;
-            while run_end < slots
-                && file_page(run_end) == file_page(run_end - 1) + PAGE_SIZE as u64
-                && run_end != 1 + data_pages
-            {
+            while run_end < slots && run_end != 1 + data_pages {
+                let (next_fd, next_offset) = page(run_end);
+                let (_, prev_offset) = page(run_end - 1);
+                if next_fd.as_raw_fd() != fd.as_raw_fd()
+                    || next_offset != prev_offset + PAGE_SIZE as u64
+                {
+                    break;
+                }
                 run_end += 1;
             }
-            let offset = libc::off_t::try_from(file_page(run_start))
+            let offset = libc::off_t::try_from(start_offset)
                 .map_err(|_| invalid("file offset too large"))?;
             // SAFETY: the target range lies inside our reservation (run_end <= slots), MAP_FIXED
             // replaces only pages we own; the fd is borrowed for the call.
@@ -261,6 +273,36 @@ mod tests {
         let mut word = [0u8; 4];
         std::os::unix::fs::FileExt::read_exact_at(&f, &mut word, 7 * PAGE_SIZE as u64).unwrap();
         assert_eq!(u32::from_le_bytes(word), w.write_index());
+    }
+
+    #[test]
+    fn pages_from_two_files() {
+        // Guest RAM in two memfd regions; the ring's pages alternate between them.
+        let a = ring_memfd("a", 4 * PAGE_SIZE as u64).unwrap();
+        let b = ring_memfd("b", 4 * PAGE_SIZE as u64).unwrap();
+        let pg = |i: u64| i * PAGE_SIZE as u64;
+        let list = [
+            (a.as_fd(), pg(0)),
+            (b.as_fd(), pg(1)),
+            (a.as_fd(), pg(2)),
+            (a.as_fd(), pg(3)),
+            (b.as_fd(), pg(0)),
+        ];
+        let ring = MappedRing::map_page_list(&list).unwrap();
+        init_control(&ring);
+        assert_eq!(ring.data_len(), 4 * PAGE_SIZE as u32);
+        let pattern: Vec<u8> = (0..=255u8).cycle().take(3 * PAGE_SIZE).collect();
+        ring.write_data(PAGE_SIZE as u32 * 4 - 100, &pattern);
+        let mut back = vec![0u8; pattern.len()];
+        ring.read_data(PAGE_SIZE as u32 * 4 - 100, &mut back);
+        assert_eq!(back, pattern);
+        // Data page 3 is file b page 0 (the write starts 100 bytes before its end); data page 0,
+        // where the write wraps to, is file b page 1.
+        let mut word = [0u8; 4];
+        std::os::unix::fs::FileExt::read_exact_at(&b, &mut word, pg(1) - 100).unwrap();
+        assert_eq!(word, pattern[..4]);
+        std::os::unix::fs::FileExt::read_exact_at(&b, &mut word, pg(1)).unwrap();
+        assert_eq!(word, pattern[100..104]);
     }
 
     #[test]
