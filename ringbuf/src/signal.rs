@@ -313,6 +313,23 @@ impl<M: RingMem> Receiver<M> {
         &mut self,
         max: usize,
         timeout: Option<Duration>,
+        each: F,
+    ) -> Result<usize, ChannelError>
+    where
+        F: FnMut(&IncomingPacket<'_, M>),
+    {
+        let n = self.recv_batch_uncommitted(max, timeout, each)?;
+        self.commit()?;
+        Ok(n)
+    }
+
+    /// Like [`Self::recv_batch`] but the space is not returned to the writer: call [`Self::commit`]
+    /// once the packets are fully handled. A device that commits only after completing requests
+    /// finds the unfinished ones still in the ring after a crash and restart.
+    pub fn recv_batch_uncommitted<F>(
+        &mut self,
+        max: usize,
+        timeout: Option<Duration>,
         mut each: F,
     ) -> Result<usize, ChannelError>
     where
@@ -330,13 +347,19 @@ impl<M: RingMem> Receiver<M> {
                 n += 1;
             }
             if n > 0 {
-                if self.reader.commit()? {
-                    self.to_writer.ring()?;
-                }
                 return Ok(n);
             }
             self.wait_for_data(deadline)?;
         }
+    }
+
+    /// Returns the space of every packet handed out so far to the writer (signalling it if it
+    /// asked for space).
+    pub fn commit(&mut self) -> Result<(), ChannelError> {
+        if self.reader.commit()? {
+            self.to_writer.ring()?;
+        }
+        Ok(())
     }
 
     /// Receives one packet's payload into `buf` (copy-out), blocking up to `timeout`.
