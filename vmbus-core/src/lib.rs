@@ -19,5 +19,7 @@ pub mod gpadl;
 pub mod guest;
 pub mod host;
 pub mod memory;
+#[cfg(feature = "std")]
+pub mod oop;
 pub mod synic;
 pub mod wire;

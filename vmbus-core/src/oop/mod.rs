@@ -1,0 +1,32 @@
+//! The VMM ↔ VSP process protocol: VSPs run as their own processes, vhost-user style, and survive
+//! crashes without a guest reboot.
+//!
+//! # Protocol (version 1)
+//! A `SOCK_SEQPACKET` Unix socket, one message per datagram ([`wire`]), file descriptors as
+//! `SCM_RIGHTS`:
+//!
+//! 1. Both sides send `Hello {version, features}`; a version mismatch ends the connection.
+//! 2. VMM → VSP `SetMemory {regions}` with one memfd per region (`gpa`, `size`, `fd_offset`, all
+//!    page aligned, non-overlapping, inside the file). The VSP maps every region
+//!    ([`GuestRegions`]); reply status 0 or 1.
+//! 3. VMM → VSP `Open {relid, subchannel_index, target_vp, connection_id, downstream_offset,
+//!    user_data, ring_pages}` with two eventfds: *kick* (the guest signalled the channel) and *call*
+//!    (interrupt the guest). The VSP maps both rings from the ring pages (control page first, data
+//!    pages twice for wrap-around) and hands them to its device ([`HostedDevice`]). Ring positions
+//!    live in the rings' control pages, so a restarted VSP continues where the old one stopped.
+//! 4. `Close {relid}`, `Retarget`, `Save` / `State`, `Restore`; VSP → VMM `OfferSubchannels`.
+//!
+//! Every request is answered by `Reply {request, relid, status}`. Each side validates everything it
+//! receives; a peer that breaks the protocol is disconnected (the VMM then restarts the VSP).
+
+pub mod regions;
+pub mod socket;
+pub mod vmm;
+pub mod vsp;
+pub mod wire;
+
+pub use regions::{GuestRegions, RegionError};
+pub use socket::{Connection, RecvError};
+pub use vmm::{VmmError, VspClient};
+pub use vsp::{ChannelResources, HostedDevice, ServeError, serve};
+pub use wire::{Message, ProtocolError, Region};

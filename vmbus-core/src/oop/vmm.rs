@@ -1,0 +1,163 @@
+//! The VMM side of a VSP connection: requests with validated replies. A VSP that answers with
+//! anything but the expected reply is cut off (the caller drops the client and restarts the VSP).
+
+use super::socket::{Connection, RecvError};
+use super::wire::{ChannelOpen, FEATURES, Message, PROTOCOL_VERSION, ProtocolError, Region, ty};
+use crate::device::OpenChannelInfo;
+use std::os::fd::BorrowedFd;
+use std::time::Duration;
+
+/// Why a request to the VSP failed.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    #[error("VSP connection: {0}")]
+    Recv(#[from] RecvError),
+    #[error("send to VSP: {0}")]
+    Send(#[from] std::io::Error),
+    #[error("VSP violated the protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+    #[error("VSP refused request {request} for relid {relid}: status {status}")]
+    Refused {
+        request: u32,
+        relid: u32,
+        status: u32,
+    },
+}
+
+/// A connected, handshaken VSP.
+#[derive(Debug)]
+pub struct VspClient {
+    conn: Connection,
+    timeout: Option<Duration>,
+    /// Sub-channel offers the VSP asked for and the VMM has not handled yet.
+    subchannel_requests: Vec<u16>,
+}
+
+impl VspClient {
+    /// Handshakes over `conn`. `timeout` bounds every wait for a reply (a hung VSP is a dead VSP).
+    pub fn connect(conn: Connection, timeout: Option<Duration>) -> Result<Self, VmmError> {
+        conn.send(
+            &Message::Hello {
+                version: PROTOCOL_VERSION,
+                features: FEATURES,
+            },
+            &[],
+        )?;
+        let (msg, _) = conn.recv(timeout)?;
+        match msg {
+            Message::Hello {
+                version: PROTOCOL_VERSION,
+                ..
+            } => Ok(VspClient {
+                conn,
+                timeout,
+                subchannel_requests: Vec::new(),
+            }),
+            Message::Hello { version, .. } => Err(ProtocolError::Version(version).into()),
+            _ => Err(ProtocolError::Unexpected("message before Hello").into()),
+        }
+    }
+
+    /// Sub-channel counts the VSP has requested since the last call.
+    pub fn take_subchannel_requests(&mut self) -> Vec<u16> {
+        std::mem::take(&mut self.subchannel_requests)
+    }
+
+    /// Waits for the reply to `request` about `relid`, noting VSP-initiated requests on the way.
+    fn wait_reply(&mut self, request: u32, relid: u32) -> Result<(), VmmError> {
+        loop {
+            let (msg, _) = self.conn.recv(self.timeout)?;
+            match msg {
+                Message::OfferSubchannels { count } => {
+                    if self.subchannel_requests.len() >= 64 {
+                        return Err(ProtocolError::Invalid("sub-channel request flood").into());
+                    }
+                    self.subchannel_requests.push(count);
+                    self.conn.send(
+                        &Message::Reply {
+                            request: ty::OFFER_SUBCHANNELS,
+                            relid: 0,
+                            status: 0,
+                        },
+                        &[],
+                    )?;
+                }
+                Message::Reply {
+                    request: r,
+                    relid: id,
+                    status,
+                } if r == request && id == relid => {
+                    return if status == 0 {
+                        Ok(())
+                    } else {
+                        Err(VmmError::Refused {
+                            request,
+                            relid,
+                            status,
+                        })
+                    };
+                }
+                _ => return Err(ProtocolError::Unexpected("reply to another request").into()),
+            }
+        }
+    }
+
+    /// Sends the guest memory table (one fd per region).
+    pub fn set_memory(&mut self, regions: &[(Region, BorrowedFd<'_>)]) -> Result<(), VmmError> {
+        let table: Vec<Region> = regions.iter().map(|(r, _)| *r).collect();
+        let fds: Vec<BorrowedFd<'_>> = regions.iter().map(|(_, f)| *f).collect();
+        self.conn
+            .send(&Message::SetMemory { regions: table }, &fds)?;
+        self.wait_reply(ty::SET_MEMORY, 0)
+    }
+
+    /// Hands an open channel to the VSP with its kick (guest → VSP) and call (VSP → guest) eventfds.
+    pub fn open(
+        &mut self,
+        info: &OpenChannelInfo,
+        kick: BorrowedFd<'_>,
+        call: BorrowedFd<'_>,
+    ) -> Result<(), VmmError> {
+        let msg = Message::Open(ChannelOpen {
+            relid: info.relid,
+            subchannel_index: info.subchannel_index,
+            target_vp: info.target_vp,
+            connection_id: info.connection_id,
+            downstream_offset: info.downstream_offset,
+            user_data: info.user_data,
+            ring_pages: info.ring_pages.clone(),
+        });
+        self.conn.send(&msg, &[kick, call])?;
+        self.wait_reply(ty::OPEN, info.relid)
+    }
+
+    pub fn close(&mut self, relid: u32) -> Result<(), VmmError> {
+        self.conn.send(&Message::Close { relid }, &[])?;
+        self.wait_reply(ty::CLOSE, relid)
+    }
+
+    pub fn retarget(&mut self, relid: u32, target_vp: u32) -> Result<(), VmmError> {
+        Ok(self
+            .conn
+            .send(&Message::Retarget { relid, target_vp }, &[])?)
+    }
+
+    pub fn save(&mut self) -> Result<Vec<u8>, VmmError> {
+        self.conn.send(&Message::Save, &[])?;
+        let (msg, _) = self.conn.recv(self.timeout)?;
+        match msg {
+            Message::State { state } => Ok(state),
+            _ => Err(ProtocolError::Unexpected("reply to Save").into()),
+        }
+    }
+
+    pub fn restore(&mut self, state: &[u8]) -> Result<(), VmmError> {
+        self.conn.send(
+            &Message::Restore {
+                state: state.to_vec(),
+            },
+            &[],
+        )?;
+        self.wait_reply(ty::RESTORE, 0)
+    }
+}

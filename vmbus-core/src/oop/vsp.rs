@@ -1,0 +1,235 @@
+//! The VSP process side: serve one device over a connection from the VMM.
+
+use super::regions::GuestRegions;
+use super::socket::{Connection, RecvError};
+use super::wire::{ChannelOpen, FEATURES, Message, PROTOCOL_VERSION, ProtocolError, ty};
+use crate::device::{ChannelControl, DeviceError, OpenChannelInfo};
+use ringbuf::mmap::MappedRing;
+use ringbuf::signal::Doorbell;
+use std::collections::BTreeSet;
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+
+/// Everything a device needs to serve one open channel in a VSP process.
+pub struct ChannelResources {
+    pub info: OpenChannelInfo,
+    pub memory: Arc<GuestRegions>,
+    /// Guest → host ring (the device reads it).
+    pub incoming: MappedRing,
+    /// Host → guest ring (the device writes it).
+    pub outgoing: MappedRing,
+    /// Rung by the guest side: data in `incoming` or space in `outgoing`.
+    pub kick: Doorbell,
+    /// Ring it to interrupt the guest: data in `outgoing` or space in `incoming`.
+    pub call: Doorbell,
+}
+
+/// A device hosted in a VSP process.
+pub trait HostedDevice {
+    /// Start serving a channel. An error fails the guest's open.
+    fn open(
+        &mut self,
+        channel: ChannelResources,
+        bus: &mut dyn ChannelControl,
+    ) -> Result<(), DeviceError>;
+    /// Stop touching the channel's rings before returning.
+    fn close(&mut self, relid: u32);
+    fn retarget(&mut self, relid: u32, target_vp: u32) {
+        let _ = (relid, target_vp);
+    }
+    fn save(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    fn restore(&mut self, state: &[u8]) -> Result<(), DeviceError> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(DeviceError::BadSavedState("device keeps no state".into()))
+        }
+    }
+}
+
+/// Why serving stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("connection: {0}")]
+    Recv(#[from] RecvError),
+    #[error("send: {0}")]
+    Send(#[from] std::io::Error),
+    #[error("VMM violated the protocol: {0}")]
+    Protocol(#[from] ProtocolError),
+}
+
+/// Reply status values.
+pub mod status {
+    pub const OK: u32 = 0;
+    pub const BAD_REQUEST: u32 = 1;
+    pub const DEVICE_ERROR: u32 = 2;
+}
+
+struct Bus<'a> {
+    conn: &'a Connection,
+}
+
+impl ChannelControl for Bus<'_> {
+    fn offer_subchannels(&mut self, count: u16) -> u16 {
+        // Asynchronous: the VMM answers with a Reply the serve loop consumes.
+        match self.conn.send(&Message::OfferSubchannels { count }, &[]) {
+            Ok(()) => count,
+            Err(_) => 0,
+        }
+    }
+}
+
+/// Serves `device` until the VMM closes the connection (`Ok`) or breaks the protocol (`Err`; the
+/// caller exits and the VMM restarts it).
+pub fn serve(conn: &Connection, device: &mut dyn HostedDevice) -> Result<(), ServeError> {
+    let (hello, _) = conn.recv(None)?;
+    match hello {
+        Message::Hello {
+            version: PROTOCOL_VERSION,
+            ..
+        } => {}
+        Message::Hello { version, .. } => return Err(ProtocolError::Version(version).into()),
+        _ => return Err(ProtocolError::Unexpected("message before Hello").into()),
+    }
+    conn.send(
+        &Message::Hello {
+            version: PROTOCOL_VERSION,
+            features: FEATURES,
+        },
+        &[],
+    )?;
+    let mut memory: Option<Arc<GuestRegions>> = None;
+    let mut open: BTreeSet<u32> = BTreeSet::new();
+    loop {
+        let (msg, fds) = match conn.recv(None) {
+            Ok(m) => m,
+            Err(RecvError::Closed) => {
+                for relid in std::mem::take(&mut open) {
+                    device.close(relid);
+                }
+                return Ok(());
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let reply = |request: u32, relid: u32, status: u32| Message::Reply {
+            request,
+            relid,
+            status,
+        };
+        match msg {
+            Message::SetMemory { regions } => {
+                let status = if !open.is_empty() {
+                    status::BAD_REQUEST
+                } else {
+                    match GuestRegions::map(&regions, fds) {
+                        Ok(m) => {
+                            memory = Some(Arc::new(m));
+                            status::OK
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "VSP: memory table refused");
+                            status::BAD_REQUEST
+                        }
+                    }
+                };
+                conn.send(&reply(ty::SET_MEMORY, 0, status), &[])?;
+            }
+            Message::Open(o) => {
+                let relid = o.relid;
+                let status = match (&memory, open.contains(&relid)) {
+                    (Some(mem), false) => match open_channel(mem, o, fds, conn, device) {
+                        Ok(()) => {
+                            open.insert(relid);
+                            status::OK
+                        }
+                        Err(s) => s,
+                    },
+                    _ => status::BAD_REQUEST,
+                };
+                conn.send(&reply(ty::OPEN, relid, status), &[])?;
+            }
+            Message::Close { relid } => {
+                let status = if open.remove(&relid) {
+                    device.close(relid);
+                    status::OK
+                } else {
+                    status::BAD_REQUEST
+                };
+                conn.send(&reply(ty::CLOSE, relid, status), &[])?;
+            }
+            Message::Retarget { relid, target_vp } => {
+                if open.contains(&relid) {
+                    device.retarget(relid, target_vp);
+                }
+            }
+            Message::Save => conn.send(
+                &Message::State {
+                    state: device.save(),
+                },
+                &[],
+            )?,
+            Message::Restore { state } => {
+                let status = match device.restore(&state) {
+                    Ok(()) => status::OK,
+                    Err(_) => status::DEVICE_ERROR,
+                };
+                conn.send(&reply(ty::RESTORE, 0, status), &[])?;
+            }
+            // The VMM's answer to OfferSubchannels.
+            Message::Reply {
+                request: ty::OFFER_SUBCHANNELS,
+                ..
+            } => {}
+            Message::Hello { .. } => return Err(ProtocolError::Unexpected("second Hello").into()),
+            _ => return Err(ProtocolError::Unexpected("VSP-to-VMM message from the VMM").into()),
+        }
+    }
+}
+
+fn open_channel(
+    memory: &Arc<GuestRegions>,
+    o: ChannelOpen,
+    fds: Vec<OwnedFd>,
+    conn: &Connection,
+    device: &mut dyn HostedDevice,
+) -> Result<(), u32> {
+    let n = o.ring_pages.len();
+    let offset = o.downstream_offset as usize;
+    if offset < 2 || n.saturating_sub(offset) < 2 {
+        return Err(status::BAD_REQUEST);
+    }
+    let mut sources = Vec::with_capacity(n);
+    for &pfn in &o.ring_pages {
+        sources.push(memory.page_source(pfn).ok_or(status::BAD_REQUEST)?);
+    }
+    let (up, down) = sources.split_at(offset);
+    let incoming = MappedRing::map_page_list(up).map_err(|_| status::BAD_REQUEST)?;
+    let outgoing = MappedRing::map_page_list(down).map_err(|_| status::BAD_REQUEST)?;
+    let mut fds = fds.into_iter();
+    let (Some(kick), Some(call)) = (fds.next(), fds.next()) else {
+        return Err(status::BAD_REQUEST);
+    };
+    let info = OpenChannelInfo {
+        relid: o.relid,
+        subchannel_index: o.subchannel_index,
+        ring_pages: o.ring_pages,
+        downstream_offset: o.downstream_offset,
+        target_vp: o.target_vp,
+        connection_id: o.connection_id,
+        user_data: o.user_data,
+    };
+    let res = ChannelResources {
+        info,
+        memory: memory.clone(),
+        incoming,
+        outgoing,
+        kick: Doorbell::from_fd(kick),
+        call: Doorbell::from_fd(call),
+    };
+    device.open(res, &mut Bus { conn }).map_err(|e| {
+        tracing::warn!(error = %e, "VSP: device refused open");
+        status::DEVICE_ERROR
+    })
+}
