@@ -1,0 +1,216 @@
+//! Hostile peers on the VMM ↔ VSP socket: a fake VMM with bad memory tables and ring pages outside
+//! guest memory, a fake VSP answering garbage. The honest side refuses clearly and survives.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
+
+use ringbuf::mmap::ring_memfd;
+use ringbuf::signal::Doorbell;
+use std::os::fd::AsFd;
+use std::time::Duration;
+use vmbus_core::device::{ChannelControl, DeviceError, OpenChannelInfo};
+use vmbus_core::oop::wire::{ChannelOpen, ty};
+use vmbus_core::oop::{
+    ChannelResources, Connection, HostedDevice, Message, ProtocolError, Region, ServeError,
+    VmmError, VspClient, serve,
+};
+
+struct Nothing;
+
+impl HostedDevice for Nothing {
+    fn open(&mut self, _: ChannelResources, _: &mut dyn ChannelControl) -> Result<(), DeviceError> {
+        Ok(())
+    }
+    fn close(&mut self, _: u32) {}
+}
+
+const T: Option<Duration> = Some(Duration::from_secs(5));
+
+fn reply_status(conn: &Connection, request: u32) -> u32 {
+    match conn.recv(T).unwrap().0 {
+        Message::Reply {
+            request: r, status, ..
+        } if r == request => status,
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+#[test]
+fn vsp_refuses_bad_memory_tables_and_rings_outside_memory() {
+    let (vmm, vsp) = Connection::pair().unwrap();
+    let server = std::thread::spawn(move || serve(&vsp, &mut Nothing));
+    vmm.send(
+        &Message::Hello {
+            version: 1,
+            features: 0,
+        },
+        &[],
+    )
+    .unwrap();
+    assert!(matches!(
+        vmm.recv(T).unwrap().0,
+        Message::Hello { version: 1, .. }
+    ));
+    let f = ring_memfd("ram", 1 << 20).unwrap();
+    let region = |gpa, size, fd_offset| Region {
+        gpa,
+        size,
+        fd_offset,
+    };
+    let kick = Doorbell::new().unwrap();
+    let call = Doorbell::new().unwrap();
+    let open = |pages: Vec<u64>, offset| {
+        Message::Open(ChannelOpen {
+            relid: 1,
+            subchannel_index: 0,
+            target_vp: 0,
+            connection_id: 1,
+            downstream_offset: offset,
+            user_data: [0; 120],
+            ring_pages: pages,
+        })
+    };
+    // Open before any memory table.
+    vmm.send(&open((0..8).collect(), 4), &[kick.as_fd(), call.as_fd()])
+        .unwrap();
+    assert_ne!(reply_status(&vmm, ty::OPEN), 0);
+    // Region past the end of its file; unaligned; overlapping.
+    for table in [
+        vec![region(0, 2 << 20, 0)],
+        vec![region(0, 4096, 100)],
+        vec![region(0, 1 << 19, 0), region(4096, 4096, 0)],
+    ] {
+        let fds: Vec<_> = table.iter().map(|_| f.as_fd()).collect();
+        vmm.send(&Message::SetMemory { regions: table }, &fds)
+            .unwrap();
+        assert_ne!(reply_status(&vmm, ty::SET_MEMORY), 0);
+    }
+    vmm.send(
+        &Message::SetMemory {
+            regions: vec![region(0, 1 << 20, 0)],
+        },
+        &[f.as_fd()],
+    )
+    .unwrap();
+    assert_eq!(reply_status(&vmm, ty::SET_MEMORY), 0);
+    // Ring pages outside guest memory; a one-page ring; then a good one.
+    vmm.send(
+        &open((250..258).collect(), 4),
+        &[kick.as_fd(), call.as_fd()],
+    )
+    .unwrap();
+    assert_ne!(reply_status(&vmm, ty::OPEN), 0);
+    vmm.send(&open((0..8).collect(), 7), &[kick.as_fd(), call.as_fd()])
+        .unwrap();
+    assert_ne!(reply_status(&vmm, ty::OPEN), 0);
+    vmm.send(&open((0..8).collect(), 4), &[kick.as_fd(), call.as_fd()])
+        .unwrap();
+    assert_eq!(reply_status(&vmm, ty::OPEN), 0);
+    // A second open of the same relid, a close of an unknown one.
+    vmm.send(&open((8..16).collect(), 4), &[kick.as_fd(), call.as_fd()])
+        .unwrap();
+    assert_ne!(reply_status(&vmm, ty::OPEN), 0);
+    vmm.send(&Message::Close { relid: 9 }, &[]).unwrap();
+    assert_ne!(reply_status(&vmm, ty::CLOSE), 0);
+    // Garbage ends the connection with a protocol error, not a crash.
+    vmm.send(
+        &Message::Reply {
+            request: 77,
+            relid: 0,
+            status: 0,
+        },
+        &[],
+    )
+    .unwrap();
+    let r = server.join().unwrap();
+    assert!(
+        matches!(r, Err(ServeError::Protocol(ProtocolError::Unexpected(_)))),
+        "{r:?}"
+    );
+}
+
+#[test]
+fn vmm_cuts_off_a_vsp_that_answers_garbage() {
+    // Wrong version.
+    let (vmm, vsp) = Connection::pair().unwrap();
+    let fake = std::thread::spawn(move || {
+        vsp.recv(T).unwrap();
+        vsp.send(
+            &Message::Hello {
+                version: 99,
+                features: 0,
+            },
+            &[],
+        )
+        .unwrap();
+    });
+    assert!(matches!(
+        VspClient::connect(vmm, T),
+        Err(VmmError::Protocol(ProtocolError::Version(99)))
+    ));
+    fake.join().unwrap();
+
+    // A reply to the wrong request, then silence.
+    let (vmm, vsp) = Connection::pair().unwrap();
+    let fake = std::thread::spawn(move || {
+        vsp.recv(T).unwrap();
+        vsp.send(
+            &Message::Hello {
+                version: 1,
+                features: 0,
+            },
+            &[],
+        )
+        .unwrap();
+        vsp.recv(T).unwrap();
+        vsp.send(
+            &Message::Reply {
+                request: ty::CLOSE,
+                relid: 5,
+                status: 0,
+            },
+            &[],
+        )
+        .unwrap();
+        vsp.recv(T).unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    let mut client = VspClient::connect(vmm, Some(Duration::from_millis(100))).unwrap();
+    let info = OpenChannelInfo {
+        relid: 1,
+        subchannel_index: 0,
+        ring_pages: (0..8).collect(),
+        downstream_offset: 4,
+        target_vp: 0,
+        connection_id: 1,
+        user_data: [0; 120],
+    };
+    let kick = Doorbell::new().unwrap();
+    let r = client.open(&info, kick.as_fd(), kick.as_fd());
+    assert!(
+        matches!(r, Err(VmmError::Protocol(ProtocolError::Unexpected(_)))),
+        "{r:?}"
+    );
+    // A hung VSP times out instead of hanging the VMM.
+    let r = client.close(1);
+    assert!(
+        matches!(r, Err(VmmError::Recv(vmbus_core::oop::RecvError::TimedOut))),
+        "{r:?}"
+    );
+    fake.join().unwrap();
+
+    // Raw garbage bytes on the socket.
+    let (vmm, vsp) = Connection::pair().unwrap();
+    let fake = std::thread::spawn(move || {
+        vsp.recv(T).unwrap();
+        let junk = [0xAAu8; 40];
+        // SAFETY: writes 40 bytes from a live buffer to a socket we own.
+        unsafe {
+            libc::write(
+                std::os::fd::AsRawFd::as_raw_fd(&vsp.as_fd()),
+                junk.as_ptr().cast(),
+                junk.len(),
+            )
+        };
+    });
+    assert!(matches!(VspClient::connect(vmm, T), Err(VmmError::Recv(_))));
+    fake.join().unwrap();
+}
