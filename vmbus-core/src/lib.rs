@@ -15,6 +15,7 @@ extern crate alloc;
 compile_error!("vmbus-core's wire structs assume a little-endian target");
 
 pub mod device;
+pub mod devices;
 pub mod gpadl;
 pub mod guest;
 pub mod host;
