@@ -5,20 +5,20 @@
 //! sent but not yet committed when the VSP died).
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] functions
 
-use ringbuf::mmap::{MappedRing, ring_memfd, set_inheritable};
+use ringbuf::mmap::{MappedRing, ring_memfd};
 use ringbuf::signal::{ChannelError, Doorbell, Receiver, Sender, SpinPolicy};
 use ringbuf::{OutgoingPacket, PacketType, RingReader, RingWriter, init_control};
-use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::process::{Child, Command};
+use std::os::fd::AsFd;
+use std::process::Command;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use vmbus_core::device::{ChannelControl, DeviceError, OpenChannelInfo};
-use vmbus_core::oop::{ChannelResources, Connection, HostedDevice, Region, VspClient, serve};
+use vmbus_core::oop::{
+    ChannelResources, HostedDevice, Region, Supervisor, connection_from_env, serve,
+};
 
-const ENV: &str = "VMBUS_OOP_TEST_VSP_FD";
 const MIB: u64 = 1 << 20;
 
 /// Echo device: every in-band packet comes back as a completion with the same payload. One thread
@@ -91,48 +91,23 @@ impl HostedDevice for Echo {
 /// The VSP process: serves until the VMM hangs up (or the process is killed).
 #[test]
 fn oop_vsp_child() {
-    let Ok(fd) = std::env::var(ENV) else { return };
-    // SAFETY: the parent passed this socket to this process only; it is taken once, here.
-    let conn = Connection::from_fd(unsafe { OwnedFd::from_raw_fd(fd.parse().unwrap()) });
+    // SAFETY: the supervisor passed this socket to this process only; it is taken once, here.
+    let Some(conn) = (unsafe { connection_from_env() }) else {
+        return;
+    };
     serve(&conn, &mut Echo::default()).unwrap();
 }
 
-struct Vmm {
-    ram: [File; 2],
-    regions: [Region; 2],
-    info: OpenChannelInfo,
-    kick: Doorbell,
-    call: Doorbell,
-}
-
-impl Vmm {
-    fn start_vsp(&self) -> (Child, VspClient, Duration) {
-        let t = Instant::now();
-        let (ours, theirs) = Connection::pair().unwrap();
-        set_inheritable(theirs.as_fd()).unwrap();
-        let child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "oop_vsp_child",
-                "--nocapture",
-                "--test-threads=1",
-            ])
-            .env(ENV, theirs.as_fd().as_raw_fd().to_string())
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        drop(theirs);
-        let mut client = VspClient::connect(ours, Some(Duration::from_secs(10))).unwrap();
-        let table = [
-            (self.regions[0], self.ram[0].as_fd()),
-            (self.regions[1], self.ram[1].as_fd()),
-        ];
-        client.set_memory(&table).unwrap();
-        client
-            .open(&self.info, self.kick.as_fd(), self.call.as_fd())
-            .unwrap();
-        (child, client, t.elapsed())
-    }
+fn vsp_command() -> Command {
+    let mut c = Command::new(std::env::current_exe().unwrap());
+    c.args([
+        "--exact",
+        "oop_vsp_child",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .stdout(std::process::Stdio::null());
+    c
 }
 
 #[test]
@@ -183,16 +158,17 @@ fn vsp_killed_repeatedly_guest_sees_every_reply() {
     };
     let kick = Doorbell::new().unwrap();
     let call = Doorbell::new().unwrap();
-    let vmm = Vmm {
-        ram,
-        regions,
+    let memory = vec![
+        (regions[0], ram[0].as_fd().try_clone_to_owned().unwrap()),
+        (regions[1], ram[1].as_fd().try_clone_to_owned().unwrap()),
+    ];
+    let mut sup = Supervisor::start(vsp_command, memory, Duration::from_secs(10)).unwrap();
+    sup.open(
         info,
-        kick: kick.try_clone().unwrap(),
-        call: call.try_clone().unwrap(),
-    };
-
-    let (mut child, mut client, first) = vmm.start_vsp();
-    let mut restarts = vec![first];
+        kick.as_fd().try_clone_to_owned().unwrap(),
+        call.as_fd().try_clone_to_owned().unwrap(),
+    )
+    .unwrap();
 
     // Guest: one thread, a window of outstanding requests, so a single waiter uses the call bell.
     // It runs until told to stop, then waits for its outstanding replies.
@@ -254,21 +230,24 @@ fn vsp_killed_repeatedly_guest_sees_every_reply() {
     let mut kills = 0;
     while kills < KILLS {
         std::thread::sleep(Duration::from_millis(100));
-        child.kill().unwrap();
-        child.wait().unwrap();
+        let pid = sup.pid();
+        // SAFETY: plain kill(2) of our own child.
+        unsafe { libc::kill(pid.unwrap() as i32, libc::SIGKILL) };
+        while sup.is_alive() {
+            std::thread::sleep(Duration::from_millis(1));
+        }
         kills += 1;
-        let (c, cl, t) = vmm.start_vsp();
-        child = c;
-        client = cl;
-        restarts.push(t);
+        assert!(sup.ensure_running().unwrap());
+        assert_ne!(sup.pid(), pid);
     }
     std::thread::sleep(Duration::from_millis(100));
     stop.store(true, Ordering::Release);
     let (answered, repeats) = guest.join().unwrap();
-    client.close(1).unwrap();
-    drop(client);
+    sup.close(1).unwrap();
+    let mut restarts = sup.restarts.clone();
+    assert_eq!(restarts.len(), kills as usize);
     assert!(
-        child.wait().unwrap().success(),
+        sup.shutdown().unwrap().success(),
         "the last VSP exits cleanly when the VMM hangs up"
     );
     restarts.sort();

@@ -21,12 +21,14 @@
 
 pub mod regions;
 pub mod socket;
+pub mod supervisor;
 pub mod vmm;
 pub mod vsp;
 pub mod wire;
 
 pub use regions::{GuestRegions, RegionError};
 pub use socket::{Connection, RecvError};
+pub use supervisor::{SOCKET_FD_ENV, Supervisor, SupervisorError, connection_from_env};
 pub use vmm::{VmmError, VspClient};
 pub use vsp::{ChannelResources, HostedDevice, ServeError, serve};
 pub use wire::{Message, ProtocolError, Region};

@@ -1,0 +1,207 @@
+//! The VMM side's keeper of one VSP process: starts it, remembers what it was given (memory table,
+//! open channels with their eventfds), notices when it dies and brings it back with the same state.
+//! The guest sees latency, not errors: ring positions live in guest memory, so the new process takes
+//! up exactly where the old one stopped.
+
+use super::socket::Connection;
+use super::vmm::{VmmError, VspClient};
+use super::wire::Region;
+use crate::device::OpenChannelInfo;
+use std::collections::BTreeMap;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+/// Environment variable naming the VSP's end of the socket in the child.
+pub const SOCKET_FD_ENV: &str = "VMBUS_VSP_SOCKET_FD";
+
+/// Why supervising failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("starting the VSP: {0}")]
+    Spawn(std::io::Error),
+    #[error(transparent)]
+    Vsp(#[from] VmmError),
+    #[error("VSP failed {0} restarts in a row")]
+    GaveUp(u32),
+}
+
+struct OpenChannel {
+    info: OpenChannelInfo,
+    kick: OwnedFd,
+    call: OwnedFd,
+}
+
+/// One supervised VSP process.
+pub struct Supervisor {
+    command: Box<dyn FnMut() -> Command + Send>,
+    memory: Vec<(Region, OwnedFd)>,
+    channels: BTreeMap<u32, OpenChannel>,
+    timeout: Duration,
+    child: Option<Child>,
+    client: Option<VspClient>,
+    /// Time from noticing a dead VSP to every channel re-opened, per restart.
+    pub restarts: Vec<Duration>,
+}
+
+impl Supervisor {
+    /// Starts a VSP with `command()` (called again for every restart) and hands it the memory
+    /// table. `timeout` bounds every reply; a VSP that does not answer in time is restarted.
+    pub fn start(
+        command: impl FnMut() -> Command + Send + 'static,
+        memory: Vec<(Region, OwnedFd)>,
+        timeout: Duration,
+    ) -> Result<Self, SupervisorError> {
+        let mut s = Supervisor {
+            command: Box::new(command),
+            memory,
+            channels: BTreeMap::new(),
+            timeout,
+            child: None,
+            client: None,
+            restarts: Vec::new(),
+        };
+        s.spawn()?;
+        Ok(s)
+    }
+
+    fn spawn(&mut self) -> Result<(), SupervisorError> {
+        let (ours, theirs) = Connection::pair().map_err(SupervisorError::Spawn)?;
+        ringbuf::mmap::set_inheritable(theirs.as_fd()).map_err(SupervisorError::Spawn)?;
+        let mut cmd = (self.command)();
+        cmd.env(SOCKET_FD_ENV, theirs.as_fd().as_raw_fd().to_string());
+        let child = cmd.spawn().map_err(SupervisorError::Spawn)?;
+        drop(theirs);
+        self.child = Some(child);
+        let mut client = VspClient::connect(ours, Some(self.timeout))?;
+        let table: Vec<_> = self.memory.iter().map(|(r, f)| (*r, f.as_fd())).collect();
+        client.set_memory(&table)?;
+        for ch in self.channels.values() {
+            client.open(&ch.info, ch.kick.as_fd(), ch.call.as_fd())?;
+        }
+        self.client = Some(client);
+        Ok(())
+    }
+
+    /// Opens a channel in the VSP and remembers it for restarts.
+    pub fn open(
+        &mut self,
+        info: OpenChannelInfo,
+        kick: OwnedFd,
+        call: OwnedFd,
+    ) -> Result<(), SupervisorError> {
+        let relid = info.relid;
+        let ch = OpenChannel { info, kick, call };
+        let result = match self.client.as_mut() {
+            Some(c) => c.open(&ch.info, ch.kick.as_fd(), ch.call.as_fd()),
+            None => Ok(()),
+        };
+        match result {
+            Ok(()) => {
+                self.channels.insert(relid, ch);
+                Ok(())
+            }
+            // The device refused: the guest's open fails, the VSP lives on.
+            Err(e @ VmmError::Refused { .. }) => Err(e.into()),
+            Err(e) => {
+                // The VSP broke: restart it with the channel included.
+                tracing::warn!(error = %e, "VSP failed during open; restarting");
+                self.channels.insert(relid, ch);
+                self.restart()
+            }
+        }
+    }
+
+    /// Closes a channel in the VSP and forgets it.
+    pub fn close(&mut self, relid: u32) -> Result<(), SupervisorError> {
+        if self.channels.remove(&relid).is_none() {
+            return Ok(());
+        }
+        match self.client.as_mut().map(|c| c.close(relid)) {
+            Some(Err(VmmError::Refused { .. })) | Some(Ok(())) | None => Ok(()),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "VSP failed during close; restarting");
+                self.restart()
+            }
+        }
+    }
+
+    /// Whether the process is running (not exited).
+    pub fn is_alive(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// Restarts the VSP if it died. `Ok(true)` when it did.
+    pub fn ensure_running(&mut self) -> Result<bool, SupervisorError> {
+        if self.is_alive() {
+            return Ok(false);
+        }
+        self.restart()?;
+        Ok(true)
+    }
+
+    /// Kills the VSP hard (tests, and a VSP that stopped answering).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        self.client = None;
+    }
+
+    /// The process id of the running VSP.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    fn restart(&mut self) -> Result<(), SupervisorError> {
+        let t = Instant::now();
+        self.kill();
+        let mut failures = 0;
+        loop {
+            match self.spawn() {
+                Ok(()) => break,
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, failures, "VSP restart failed");
+                    self.kill();
+                    if failures >= 5 {
+                        return Err(SupervisorError::GaveUp(failures));
+                    }
+                    std::thread::sleep(Duration::from_millis(10 << failures));
+                }
+            }
+        }
+        self.restarts.push(t.elapsed());
+        tracing::info!(elapsed = ?t.elapsed(), channels = self.channels.len(), "VSP restarted");
+        Ok(())
+    }
+
+    /// Stops the VSP: closes the connection (it exits when it sees EOF) and reaps it.
+    pub fn shutdown(mut self) -> Option<std::process::ExitStatus> {
+        self.client = None;
+        self.child.take().and_then(|mut c| c.wait().ok())
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// In a VSP process: the connection the supervisor passed, if this process was started by one.
+///
+/// # Safety
+/// Call at most once per process: it takes ownership of the inherited descriptor.
+pub unsafe fn connection_from_env() -> Option<Connection> {
+    let fd: i32 = std::env::var(SOCKET_FD_ENV).ok()?.parse().ok()?;
+    // SAFETY: F_GETFD only checks that the descriptor is open.
+    if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+        return None;
+    }
+    // SAFETY: open (checked) and, by the contract of this function, owned by nobody else.
+    Some(Connection::from_fd(unsafe { OwnedFd::from_raw_fd(fd) }))
+}
