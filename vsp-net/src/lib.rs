@@ -1,3 +1,4 @@
 //! Network VSP (netvsp): NVSP and RNDIS, TAP and virtual-switch backends, offloads and the vhost-user-net bridge (not yet built; see issue 7).
 
 pub mod backend;
+pub mod tap;
