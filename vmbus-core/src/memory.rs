@@ -16,14 +16,20 @@ pub const PAGE_SIZE: u64 = 4096;
 pub enum MemoryError {
     #[error("guest range {gpa:#x}+{len:#x} is not RAM")]
     OutOfRange { gpa: u64, len: u64 },
-    #[error("paged range: byte_offset {byte_offset:#x} / byte_count {byte_count:#x} does not fit its {pages} pages")]
+    #[error(
+        "paged range: byte_offset {byte_offset:#x} / byte_count {byte_count:#x} does not fit its {pages} pages"
+    )]
     BadPagedRange {
         byte_offset: u32,
         byte_count: u32,
         pages: usize,
     },
     #[error("paged range access at {offset:#x}+{len:#x} beyond its {byte_count:#x} bytes")]
-    BeyondRange { offset: u64, len: u64, byte_count: u32 },
+    BeyondRange {
+        offset: u64,
+        len: u64,
+        byte_count: u32,
+    },
 }
 
 /// Byte access to guest RAM.
@@ -34,12 +40,20 @@ pub trait GuestMemory: Send + Sync {
     fn write_at(&self, gpa: u64, src: &[u8]) -> Result<(), MemoryError>;
 
     /// Reads `dst.len()` bytes starting `offset` bytes into a paged range.
-    fn read_paged(&self, range: &PagedRange<'_>, offset: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
+    fn read_paged(
+        &self,
+        range: &PagedRange<'_>,
+        offset: u64,
+        dst: &mut [u8],
+    ) -> Result<(), MemoryError> {
         let mut done = 0usize;
         for (gpa, len) in range.segments(offset, dst.len() as u64)? {
-            let chunk = dst
-                .get_mut(done..done.saturating_add(len))
-                .ok_or(MemoryError::OutOfRange { gpa, len: len as u64 })?;
+            let chunk =
+                dst.get_mut(done..done.saturating_add(len))
+                    .ok_or(MemoryError::OutOfRange {
+                        gpa,
+                        len: len as u64,
+                    })?;
             self.read_at(gpa, chunk)?;
             done = done.saturating_add(len);
         }
@@ -47,12 +61,20 @@ pub trait GuestMemory: Send + Sync {
     }
 
     /// Writes `src` starting `offset` bytes into a paged range.
-    fn write_paged(&self, range: &PagedRange<'_>, offset: u64, src: &[u8]) -> Result<(), MemoryError> {
+    fn write_paged(
+        &self,
+        range: &PagedRange<'_>,
+        offset: u64,
+        src: &[u8],
+    ) -> Result<(), MemoryError> {
         let mut done = 0usize;
         for (gpa, len) in range.segments(offset, src.len() as u64)? {
             let chunk = src
                 .get(done..done.saturating_add(len))
-                .ok_or(MemoryError::OutOfRange { gpa, len: len as u64 })?;
+                .ok_or(MemoryError::OutOfRange {
+                    gpa,
+                    len: len as u64,
+                })?;
             self.write_at(gpa, chunk)?;
             done = done.saturating_add(len);
         }
@@ -122,7 +144,10 @@ impl<'a> PagedRange<'a> {
             let gpa = pfn
                 .checked_mul(PAGE_SIZE)
                 .and_then(|b| b.checked_add(in_page))
-                .ok_or(MemoryError::OutOfRange { gpa: u64::MAX, len: n })?;
+                .ok_or(MemoryError::OutOfRange {
+                    gpa: u64::MAX,
+                    len: n,
+                })?;
             // n <= PAGE_SIZE, so it fits usize.
             out.push((gpa, n as usize));
             at = at.saturating_add(n);
@@ -184,9 +209,14 @@ mod spin_free {
         }
 
         fn slice(&self, gpa: u64, len: usize) -> Result<&[AtomicU8], MemoryError> {
-            let err = MemoryError::OutOfRange { gpa, len: len as u64 };
+            let err = MemoryError::OutOfRange {
+                gpa,
+                len: len as u64,
+            };
             let start = usize::try_from(gpa).map_err(|_| err)?;
-            self.0.get(start..start.checked_add(len).ok_or(err)?).ok_or(err)
+            self.0
+                .get(start..start.checked_add(len).ok_or(err)?)
+                .ok_or(err)
         }
 
         pub fn read(&self, gpa: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
@@ -232,7 +262,10 @@ mod mapped {
     impl MappedMemory {
         pub fn map(fd: BorrowedFd<'_>, len: usize) -> io::Result<Self> {
             if len == 0 {
-                return Err(io::Error::new(io::ErrorKind::InvalidInput, "empty guest memory"));
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "empty guest memory",
+                ));
             }
             // SAFETY: a fresh shared mapping of `len` bytes of the caller's fd at a kernel-chosen address.
             let p = unsafe {
@@ -253,7 +286,10 @@ mod mapped {
         }
 
         fn check(&self, gpa: u64, len: usize) -> Result<usize, MemoryError> {
-            let err = MemoryError::OutOfRange { gpa, len: len as u64 };
+            let err = MemoryError::OutOfRange {
+                gpa,
+                len: len as u64,
+            };
             let start = usize::try_from(gpa).map_err(|_| err)?;
             match start.checked_add(len) {
                 Some(end) if end <= self.len => Ok(start),
@@ -266,14 +302,26 @@ mod mapped {
         fn read_at(&self, gpa: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
             let start = self.check(gpa, dst.len())?;
             // SAFETY: `start + dst.len() <= len` (checked); `dst` is private memory.
-            unsafe { std::ptr::copy_nonoverlapping(self.base.as_ptr().add(start), dst.as_mut_ptr(), dst.len()) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.base.as_ptr().add(start),
+                    dst.as_mut_ptr(),
+                    dst.len(),
+                )
+            };
             Ok(())
         }
 
         fn write_at(&self, gpa: u64, src: &[u8]) -> Result<(), MemoryError> {
             let start = self.check(gpa, src.len())?;
             // SAFETY: as in read_at.
-            unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.base.as_ptr().add(start), src.len()) };
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    src.as_ptr(),
+                    self.base.as_ptr().add(start),
+                    src.len(),
+                )
+            };
             Ok(())
         }
     }
@@ -298,7 +346,10 @@ mod tests {
         let r = PagedRange::new(4000, 5000, &pfns).unwrap();
         let data: Vec<u8> = (0..5000u32).map(|i| i as u8).collect();
         mem.write_paged(&r, 0, &data).unwrap();
-        assert_eq!(r.segments(0, 5000).unwrap(), [(3 * 4096 + 4000, 96), (9 * 4096, 4096), (5 * 4096, 808)]);
+        assert_eq!(
+            r.segments(0, 5000).unwrap(),
+            [(3 * 4096 + 4000, 96), (9 * 4096, 4096), (5 * 4096, 808)]
+        );
         let mut back = vec![0u8; 5000];
         mem.read_paged(&r, 0, &mut back).unwrap();
         assert_eq!(back, data);

@@ -10,10 +10,10 @@
 //! failure status; otherwise the message is dropped. Either way [`Server::handle_message`] returns the
 //! [`HostError`] so the caller can log it, and the server stays consistent.
 
-mod server;
-mod snapshot;
 #[cfg(test)]
 mod proptests;
+mod server;
+mod snapshot;
 #[cfg(test)]
 mod tests;
 

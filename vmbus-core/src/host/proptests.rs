@@ -10,19 +10,52 @@ use proptest::prelude::*;
 #[derive(Clone, Debug)]
 enum Op {
     /// `conn: None` = the connection id Linux uses for that version.
-    Contact { version: usize, vp: u32, conn: Option<u32> },
+    Contact {
+        version: usize,
+        vp: u32,
+        conn: Option<u32>,
+    },
     RequestOffers,
-    Gpadl { relid: u32, handle: u32, first: u64, pages: u64, bodies_sent: usize },
-    Teardown { relid: u32, handle: Option<u32> },
-    Open { relid: u32, handle: Option<u32>, offset: u32, vp: u32 },
-    Close { relid: u32 },
-    Release { relid: u32 },
-    Modify { relid: u32, vp: u32 },
+    Gpadl {
+        relid: u32,
+        handle: u32,
+        first: u64,
+        pages: u64,
+        bodies_sent: usize,
+    },
+    Teardown {
+        relid: u32,
+        handle: Option<u32>,
+    },
+    Open {
+        relid: u32,
+        handle: Option<u32>,
+        offset: u32,
+        vp: u32,
+    },
+    Close {
+        relid: u32,
+    },
+    Release {
+        relid: u32,
+    },
+    Modify {
+        relid: u32,
+        vp: u32,
+    },
     Unload,
     AddDevice,
-    Rescind { relid: u32 },
-    CompleteOpen { relid: u32, ok: bool },
-    AddSubchannels { relid: u32, count: u16 },
+    Rescind {
+        relid: u32,
+    },
+    CompleteOpen {
+        relid: u32,
+        ok: bool,
+    },
+    AddSubchannels {
+        relid: u32,
+        count: u16,
+    },
     Raw(Vec<u8>),
 }
 
@@ -71,11 +104,34 @@ fn apply(s: &mut Server, op: &Op) {
                 msg_sint: 2,
                 ..Default::default()
             };
-            post(s, conn, ChannelMessage::InitiateContact { msg, client_id: None });
+            post(
+                s,
+                conn,
+                ChannelMessage::InitiateContact {
+                    msg,
+                    client_id: None,
+                },
+            );
         }
-        Op::RequestOffers => post(s, 1, ChannelMessage::RequestOffers(RequestOffers::default())),
-        Op::Gpadl { relid, handle, first, pages, bodies_sent } => {
-            let mut words = alloc::vec![GpaRange { byte_count: (pages * 4096) as u32, byte_offset: 0 }.to_word()];
+        Op::RequestOffers => post(
+            s,
+            1,
+            ChannelMessage::RequestOffers(RequestOffers::default()),
+        ),
+        Op::Gpadl {
+            relid,
+            handle,
+            first,
+            pages,
+            bodies_sent,
+        } => {
+            let mut words = alloc::vec![
+                GpaRange {
+                    byte_count: (pages * 4096) as u32,
+                    byte_offset: 0
+                }
+                .to_word()
+            ];
             words.extend(first..first + pages);
             let split = words.len().min(27);
             let msg = GpadlHeader {
@@ -85,18 +141,44 @@ fn apply(s: &mut Server, op: &Op) {
                 rangecount: 1,
                 ..Default::default()
             };
-            post(s, 1, ChannelMessage::GpadlHeader { msg, words: GpadlWords::from_u64s(&words[..split]) });
+            post(
+                s,
+                1,
+                ChannelMessage::GpadlHeader {
+                    msg,
+                    words: GpadlWords::from_u64s(&words[..split]),
+                },
+            );
             for chunk in words[split..].chunks(28).take(bodies_sent) {
-                let msg = GpadlBody { gpadl: handle, ..Default::default() };
-                post(s, 1, ChannelMessage::GpadlBody { msg, words: GpadlWords::from_u64s(chunk) });
+                let msg = GpadlBody {
+                    gpadl: handle,
+                    ..Default::default()
+                };
+                post(
+                    s,
+                    1,
+                    ChannelMessage::GpadlBody {
+                        msg,
+                        words: GpadlWords::from_u64s(chunk),
+                    },
+                );
             }
         }
         Op::Teardown { relid, handle } => post(
             s,
             1,
-            ChannelMessage::GpadlTeardown(GpadlTeardown { child_relid: relid, gpadl: handle.unwrap_or(relid), ..Default::default() }),
+            ChannelMessage::GpadlTeardown(GpadlTeardown {
+                child_relid: relid,
+                gpadl: handle.unwrap_or(relid),
+                ..Default::default()
+            }),
         ),
-        Op::Open { relid, handle, offset, vp } => {
+        Op::Open {
+            relid,
+            handle,
+            offset,
+            vp,
+        } => {
             let msg = OpenChannel {
                 child_relid: relid,
                 openid: relid,
@@ -107,16 +189,30 @@ fn apply(s: &mut Server, op: &Op) {
             };
             post(s, 1, ChannelMessage::OpenChannel { msg, ext: None });
         }
-        Op::Close { relid } => {
-            post(s, 1, ChannelMessage::CloseChannel(CloseChannel { child_relid: relid, ..Default::default() }))
-        }
-        Op::Release { relid } => {
-            post(s, 1, ChannelMessage::RelidReleased(RelidReleased { child_relid: relid, ..Default::default() }))
-        }
+        Op::Close { relid } => post(
+            s,
+            1,
+            ChannelMessage::CloseChannel(CloseChannel {
+                child_relid: relid,
+                ..Default::default()
+            }),
+        ),
+        Op::Release { relid } => post(
+            s,
+            1,
+            ChannelMessage::RelidReleased(RelidReleased {
+                child_relid: relid,
+                ..Default::default()
+            }),
+        ),
         Op::Modify { relid, vp } => post(
             s,
             1,
-            ChannelMessage::ModifyChannel(ModifyChannel { child_relid: relid, target_vp: vp, ..Default::default() }),
+            ChannelMessage::ModifyChannel(ModifyChannel {
+                child_relid: relid,
+                target_vp: vp,
+                ..Default::default()
+            }),
         ),
         Op::Unload => post(s, 1, ChannelMessage::Unload(Unload::default())),
         Op::AddDevice => {

@@ -104,10 +104,16 @@ impl Server {
             if relid == 0 || relid > self.config.max_relid {
                 return Err("relid out of range");
             }
-            if self.channels.get(&c.primary).is_none_or(|p| p.subchannel_index != 0) {
+            if self
+                .channels
+                .get(&c.primary)
+                .is_none_or(|p| p.subchannel_index != 0)
+            {
                 return Err("channel without a primary");
             }
-            if let ChannelState::Opening { gpadl, target_vp } | ChannelState::Open { gpadl, target_vp } = c.state {
+            if let ChannelState::Opening { gpadl, target_vp }
+            | ChannelState::Open { gpadl, target_vp } = c.state
+            {
                 if self.gpadls.get(&gpadl).is_none_or(|g| g.relid != relid) {
                     return Err("open channel without its ring GPADL");
                 }
@@ -119,7 +125,11 @@ impl Server {
                 return Err("channel state while disconnected");
             }
         }
-        if !self.tearing_down.iter().all(|h| self.gpadls.contains_key(h) && self.gpadl_in_use(*h)) {
+        if !self
+            .tearing_down
+            .iter()
+            .all(|h| self.gpadls.contains_key(h) && self.gpadl_in_use(*h))
+        {
             return Err("deferred teardown of a GPADL not in use");
         }
         if self.gpadls.keys().any(|h| self.building.contains_key(h)) {
