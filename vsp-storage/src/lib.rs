@@ -2,3 +2,5 @@
 //! through io_uring, VHD fixed/dynamic/differencing) and the VHD tools.
 
 pub mod block;
+pub mod scsi;
+pub mod backend;
