@@ -4,3 +4,4 @@
 pub mod block;
 pub mod scsi;
 pub mod backend;
+pub mod vhd;
