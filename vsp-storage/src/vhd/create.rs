@@ -154,7 +154,13 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<Vhd, VhdEr
         .read(true)
         .write(true)
         .create_new(true)
-        .open(path)?;
+        .open(path)
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists => {
+                VhdError::InvalidArgument(format!("{} already exists", path.display()))
+            }
+            _ => VhdError::Io(e),
+        })?;
     let result = match &opts.kind {
         DiskKind::Fixed => write_fixed(&file, opts),
         DiskKind::Dynamic => {

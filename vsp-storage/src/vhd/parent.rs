@@ -194,11 +194,14 @@ pub fn parent_candidates(
         let windows_abs = is_windows_absolute(&text);
         let unix = text.replace('\\', "/");
         if !windows_abs {
-            let p = Path::new(&unix);
+            let p: PathBuf = Path::new(&unix)
+                .components()
+                .filter(|c| *c != Component::CurDir)
+                .collect();
             let full = if relative || p.is_relative() {
                 dir.join(p)
             } else {
-                p.to_path_buf()
+                p
             };
             out.push((source.clone(), full));
         }
