@@ -11,6 +11,7 @@
 //! * The descriptor is non-blocking and implements [`AsFd`] for epoll/poll.
 //! * Link state: `IFF_UP && IFF_RUNNING` of the interface (carrier follows [`Tap::set_carrier`]).
 
+pub mod net_backend;
 pub mod netns;
 pub mod offload;
 pub(crate) mod sys;
@@ -29,6 +30,7 @@ use thiserror::Error;
 use tracing::{debug, info, warn};
 use zerocopy::IntoBytes;
 
+pub use net_backend::TapBackend;
 pub use offload::{Checksum, FrameMeta, Gso, GsoKind, L3Proto, L4Proto, OffloadError, VlanTag};
 pub use sys::EventFd;
 use vnet::{VNET_HDR_LEN_LEGACY, VNET_HDR_LEN_V1, VirtioNetHdr};
