@@ -161,23 +161,25 @@ pub fn create(path: impl AsRef<Path>, opts: &CreateOptions) -> Result<Vhd, VhdEr
             }
             _ => VhdError::Io(e),
         })?;
-    let result = match &opts.kind {
-        DiskKind::Fixed => write_fixed(&file, opts),
-        DiskKind::Dynamic => {
-            let (size, g) = rounded_size(opts.size, opts.exact_size)?;
-            let footer = new_footer(size, g, DiskType::Dynamic)?;
-            write_sparse(&file, footer, opts.block_size, None)
+    let write = || -> Result<(), VhdError> {
+        match &opts.kind {
+            DiskKind::Fixed => write_fixed(&file, opts),
+            DiskKind::Dynamic => {
+                let (size, g) = rounded_size(opts.size, opts.exact_size)?;
+                let footer = new_footer(size, g, DiskType::Dynamic)?;
+                write_sparse(&file, footer, opts.block_size, None)
+            }
+            DiskKind::Differencing { parent } => write_differencing(&file, path, parent, opts),
         }
-        DiskKind::Differencing { parent } => write_differencing(&file, path, parent, opts),
     };
-    if let Err(e) = result {
+    let result = write()
+        .and_then(|()| file.sync_all().map_err(VhdError::Io))
+        .and_then(|()| Vhd::open(path, &OpenOptions::default()));
+    if result.is_err() {
         drop(file);
         let _ = fs::remove_file(path);
-        return Err(e);
     }
-    file.sync_all()?;
-    drop(file);
-    Vhd::open(path, &OpenOptions::default())
+    result
 }
 
 fn write_fixed(file: &File, opts: &CreateOptions) -> Result<(), VhdError> {
