@@ -1,1 +1,22 @@
-//! The KVM parent partition: VMs, vCPUs, Hyper-V enlightenments in userspace, loaders, ACPI, the VSP supervisor and management API (not yet built; see issue 9).
+//! The KVM parent partition: guest RAM, vCPUs, 64-bit boot, ACPI, COM1 and the Hyper-V
+//! enlightenments (CPUID leaves, synthetic MSRs, hypercalls, SynIC) in userspace, on a KVM without
+//! in-kernel Hyper-V support (see `../shared/reference/kvm-here.md`).
+//!
+//! - [`partition::Partition`]: build a VM, load an image, [`partition::Partition::run`] it.
+//! - [`synic::Synic`] + [`synic::SynicHandler`]: where the VMBus host server plugs in — it receives
+//!   `HvPostMessage` / `HvSignalEvent` from the guest and answers with
+//!   [`synic::Synic::post_to_guest`] / [`synic::Synic::signal_guest`].
+//! - [`testguest`]: the bare-metal Rust test guest (built from `kvm-host/guest`) and its host side.
+
+pub mod acpi;
+pub mod boot;
+pub mod hyperv;
+pub mod memory;
+pub mod partition;
+pub mod serial;
+pub mod synic;
+pub mod testguest;
+pub mod vcpu;
+
+pub use partition::{Partition, PartitionConfig, PartitionError, RunReport, kvm_available};
+pub use vcpu::{EXIT_PORT, ExitReason};
