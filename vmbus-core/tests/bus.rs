@@ -110,6 +110,17 @@ fn connects_at_every_version_both_sides_support() {
             assert_eq!(bus.server.version(), None);
         }
     }
+    // A host configured for every version, 0.13 through 6.0: each one connects.
+    for v in Version::ALL {
+        let mut bus = Bus::new(vec![v], Version::ALL.to_vec());
+        bus.client.connect().unwrap();
+        bus.pump();
+        let events = bus.take_events();
+        assert!(
+            matches!(events[..], [ClientEvent::Connected { version, .. }] if version == v),
+            "{v}: {events:?}"
+        );
+    }
     // Linux's order against a host that stops at 4.0: lands on 4.0.
     let mut bus = Bus::new(
         Version::LINUX_NEGOTIATION_ORDER.to_vec(),

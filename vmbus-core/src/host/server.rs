@@ -6,10 +6,11 @@ use super::{
 use crate::device::{DeviceDescription, OpenChannelInfo};
 use crate::gpadl::{Gpadl, GpadlBuilder, GpadlError, GuestRam};
 use crate::wire::{
-    AllOffersDelivered, ChannelMessage, Direction, GpadlCreated, GpadlTorndown, InitiateContact,
-    MESSAGE_CONNECTION_ID, MESSAGE_CONNECTION_ID_4, MESSAGE_SINT, MONITOR_ID_NONE, MessageType,
-    ModifyChannelResponse, OfferChannel, OpenChannel, OpenChannelResult, RescindChannelOffer,
-    STATUS_SUCCESS, TlConnectResult, UnloadResponse, Version, VersionResponse, connection_state,
+    AllOffersDelivered, ChannelMessage, Direction, FeatureFlags, GpadlCreated, GpadlTorndown,
+    InitiateContact, MESSAGE_CONNECTION_ID, MESSAGE_CONNECTION_ID_4, MESSAGE_SINT, MONITOR_ID_NONE,
+    MessageType, ModifyChannelResponse, OfferChannel, OpenChannel, OpenChannelResult,
+    RescindChannelOffer, STATUS_SUCCESS, TlConnectResult, UnloadResponse, Version, VersionResponse,
+    connection_state,
 };
 use alloc::collections::{BTreeMap, BTreeSet, VecDeque};
 
@@ -433,7 +434,11 @@ impl Server {
             reply_sint,
             ChannelMessage::VersionResponse {
                 msg: resp,
-                supported_features: None,
+                // 6.0 appends the host's feature flags; none of the optional 6.0 features here.
+                supported_features: match requested {
+                    Some(v) if accepted && v.has_feature_flags() => Some(FeatureFlags(0)),
+                    _ => None,
+                },
                 monitor_pages: None,
             },
         );
