@@ -5,3 +5,4 @@ pub mod block;
 pub mod scsi;
 pub mod backend;
 pub mod vhd;
+pub mod storvsp;

@@ -125,19 +125,12 @@ impl RawDisk {
     }
 
     fn read_plain(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        if self.uring {
-            if let Some(r) = with_thread_ring(|ring| {
-                ring_rw(
-                    ring,
-                    &self.file,
-                    buf.as_mut_ptr(),
-                    buf.len(),
-                    offset,
-                    Rw::Read,
-                )
-            }) {
-                return r;
-            }
+        let (ptr, len) = (buf.as_mut_ptr(), buf.len());
+        if self.uring
+            && let Some(r) =
+                with_thread_ring(|ring| ring_rw(ring, &self.file, ptr, len, offset, Rw::Read))
+        {
+            return r;
         }
         self.file.read_exact_at(buf, offset)
     }
@@ -186,7 +179,7 @@ impl BlockDevice for RawDisk {
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> Result<(), BlockError> {
         self.check(offset, buf.len())?;
-        if self.direct && (buf.as_ptr() as usize % DIRECT_ALIGN != 0) {
+        if self.direct && !(buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
             let (mut v, at) = aligned_vec(buf.len());
             let win = &mut v[at..at + buf.len()];
             self.read_plain(offset, win)?;
@@ -201,7 +194,7 @@ impl BlockDevice for RawDisk {
             return Err(BlockError::ReadOnly);
         }
         self.check(offset, buf.len())?;
-        if self.direct && (buf.as_ptr() as usize % DIRECT_ALIGN != 0) {
+        if self.direct && !(buf.as_ptr() as usize).is_multiple_of(DIRECT_ALIGN) {
             let (mut v, at) = aligned_vec(buf.len());
             v[at..at + buf.len()].copy_from_slice(buf);
             return Ok(self.write_plain(offset, &v[at..at + buf.len()], fua)?);
@@ -337,7 +330,7 @@ fn ring_rw(
 ) -> Result<io::Result<()>, RingBroken> {
     let mut done = 0usize;
     while done < len {
-        let chunk = u32::try_from(len - done).unwrap_or(u32::MAX & !4095);
+        let chunk = u32::try_from(len - done).unwrap_or(!4095u32);
         // `done < len` and the caller's buffer is `len` bytes long.
         let at = ptr.wrapping_add(done);
         let fd = types::Fd(file.as_raw_fd());

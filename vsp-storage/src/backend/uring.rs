@@ -78,7 +78,7 @@ impl RawQueue {
     fn entry(&self, tag: u64, op: &Op) -> io_uring::squeue::Entry {
         let fd = types::Fd(self.file.as_raw_fd());
         let left = op.len - op.done;
-        let chunk = u32::try_from(left).unwrap_or(u32::MAX & !4095);
+        let chunk = u32::try_from(left).unwrap_or(!4095u32);
         // `start + done < buf.len()`: the pointer stays inside the buffer.
         let at = op.buf.as_ptr().wrapping_add(op.start + op.done).cast_mut();
         let off = op.offset + op.done as u64;
@@ -152,7 +152,7 @@ impl AsyncQueue for RawQueue {
                 }
                 check_range(offset, data.len() as u64, self.size, self.sector)?;
                 let len = data.len();
-                let (buf, start) = if self.direct && data.as_ptr() as usize % 4096 != 0 {
+                let (buf, start) = if self.direct && !(data.as_ptr() as usize).is_multiple_of(4096) {
                     let (mut v, at) = aligned_vec(len);
                     v[at..at + len].copy_from_slice(&data);
                     (v, at)

@@ -384,7 +384,14 @@ impl ScsiDisk {
 
     /// Runs `cdb` to completion, moving data through `buf`.
     pub fn execute(&self, cdb: &[u8], buf: &mut dyn DataBuffer) -> Outcome {
-        match self.prepare(cdb, buf.len()) {
+        let plan = self.prepare(cdb, buf.len());
+        self.run(plan, cdb, buf)
+    }
+
+    /// Carries out what [`Self::prepare`] decided for `cdb` (prepare it exactly once: it consumes a
+    /// pending unit attention).
+    pub fn run(&self, plan: Prepared, cdb: &[u8], buf: &mut dyn DataBuffer) -> Outcome {
+        match plan {
             Prepared::Done(o) => o,
             Prepared::Read { offset, len, copy } => {
                 let mut data = vec![0u8; len];
@@ -451,7 +458,7 @@ impl ScsiDisk {
             op::MODE_SENSE_6 | op::MODE_SENSE_10 => mode::respond(c, self.disk.read_only()),
             op::REPORT_LUNS => report_luns(c, &[0]),
             op::UNMAP => return unmap::unmap(self, c, buf),
-            op::WRITE_SAME_16 => return unmap::write_same_16(self, c, buf),
+            op::WRITE_SAME_10 | op::WRITE_SAME_16 => return unmap::write_same(self, c, buf),
             _ => Err(Sense::INVALID_OPCODE),
         };
         match response {

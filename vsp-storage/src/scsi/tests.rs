@@ -279,7 +279,6 @@ fn bad_opcodes_and_cdb_lengths() {
     let (_, d) = disk();
     for cdb in [
         &[0xFF, 0, 0, 0, 0, 0][..],
-        &[0x41, 0, 0, 0, 0, 0, 0, 0, 0, 0],       // WRITE SAME(10)
         &[0xA1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], // ATA(12)
         &[0xA3, 0x0C, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0], // REPORT SUPPORTED OPCODES
         &[0x15, 0, 0, 0, 0, 0],                   // MODE SELECT(6)
@@ -443,6 +442,11 @@ fn unmap_and_write_same() {
             .iter()
             .all(|&b| b == 0x5A)
     );
+    // WRITE SAME(10) over blocks 20..22.
+    let ws10 = [0x41, 0, 0, 0, 0, 20, 0, 0, 2, 0];
+    assert_eq!(good(&d.execute(&ws10, &mut MemBuffer::data_out(vec![0x77; 512]))), 512);
+    assert!(mem.contents()[20 * 512..22 * 512].iter().all(|&b| b == 0x77));
+    assert!(mem.contents()[22 * 512..23 * 512].iter().all(|&b| b == 0));
     ws[10..14].copy_from_slice(&0u32.to_be_bytes());
     assert_eq!(
         check(&d.execute(&ws, &mut MemBuffer::data_out(vec![0; 512]))),

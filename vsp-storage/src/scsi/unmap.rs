@@ -67,11 +67,16 @@ pub(super) fn unmap(disk: &ScsiDisk, c: &Cdb, buf: &mut dyn DataBuffer) -> Outco
 /// Largest chunk WRITE SAME writes at once.
 const CHUNK: usize = 1 << 20;
 
-pub(super) fn write_same_16(disk: &ScsiDisk, c: &Cdb, buf: &mut dyn DataBuffer) -> Outcome {
+/// WRITE SAME(10) and (16): with UNMAP and an all-zero block the range is unmapped, otherwise the
+/// block is written over the whole range.
+pub(super) fn write_same(disk: &ScsiDisk, c: &Cdb, buf: &mut dyn DataBuffer) -> Outcome {
     let info = disk.info();
     let unmap_bit = c.byte(1) & 0x08 != 0;
-    let ndob = c.byte(1) & 0x01 != 0;
-    let (lba, blocks) = (c.be64(2), u64::from(c.be32(10)));
+    let (ndob, lba, blocks) = if c.opcode() == super::cdb::op::WRITE_SAME_16 {
+        (c.byte(1) & 0x01 != 0, c.be64(2), u64::from(c.be32(10)))
+    } else {
+        (false, u64::from(c.be32(2)), u64::from(c.be16(7)))
+    };
     if disk.disk().read_only() {
         return Outcome::CheckCondition(Sense::WRITE_PROTECTED);
     }
