@@ -12,12 +12,14 @@
 //! The tables live in `0xE0000..0x100000` (reserved in E820), RSDP first so that Linux's legacy
 //! BIOS-area scan finds it too; the zero page also carries its address.
 
-use acpi_tables::aml::{self, Device, EISAName, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, Scope};
+use acpi_tables::Aml;
+use acpi_tables::aml::{
+    self, Device, EISAName, Interrupt, Memory32Fixed, Name, Path, ResourceTemplate, Scope,
+};
 use acpi_tables::fadt::{FADTBuilder, Flags};
 use acpi_tables::rsdp::Rsdp;
 use acpi_tables::sdt::Sdt;
 use acpi_tables::xsdt::XSDT;
-use acpi_tables::Aml;
 
 use crate::boot::{ACPI_END, ACPI_START};
 use crate::memory::{GuestRam, LOW_RAM_MAX};

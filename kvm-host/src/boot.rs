@@ -55,7 +55,10 @@ const E820_RESERVED: u32 = 2;
 #[derive(Debug, thiserror::Error)]
 pub enum BootError {
     #[error("opening kernel {path}: {source}")]
-    Open { path: String, source: std::io::Error },
+    Open {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("loading ELF: {0}")]
     Elf(String),
     #[error("guest RAM too small for the boot structures: {0}")]
@@ -79,8 +82,13 @@ pub fn load_elf(ram: &GuestRam, path: &Path) -> Result<LoadedImage, BootError> {
         path: path.display().to_string(),
         source,
     })?;
-    let r = Elf::load(ram.vm_memory(), None, &mut file, Some(GuestAddress(KERNEL_START)))
-        .map_err(|e| BootError::Elf(e.to_string()))?;
+    let r = Elf::load(
+        ram.vm_memory(),
+        None,
+        &mut file,
+        Some(GuestAddress(KERNEL_START)),
+    )
+    .map_err(|e| BootError::Elf(e.to_string()))?;
     let entry = r.kernel_load.0;
     if !ram.contains(entry, 1) {
         return Err(BootError::BadEntry(entry));
@@ -118,7 +126,11 @@ fn segment(selector: u16, entry: u64) -> kvm_segment {
         limit: {
             let raw = ((entry & 0xFFFF) | (((entry >> 48) & 0xF) << 16)) as u32;
             // Granularity: 4 KiB units.
-            if flags & 0x8000 != 0 { (raw << 12) | 0xFFF } else { raw }
+            if flags & 0x8000 != 0 {
+                (raw << 12) | 0xFFF
+            } else {
+                raw
+            }
         },
         selector,
         type_: (flags & 0xF) as u8,
@@ -216,7 +228,10 @@ pub fn e820_map(ram: &GuestRam) -> Vec<boot_e820_entry> {
             });
         }
     }
-    debug_assert!(map.iter().all(|e| e.addr < HIGH_RAM_START || e.r#type == E820_RAM));
+    debug_assert!(
+        map.iter()
+            .all(|e| e.addr < HIGH_RAM_START || e.r#type == E820_RAM)
+    );
     map
 }
 
@@ -256,7 +271,10 @@ mod tests {
         assert_eq!(g[2], 0x00AF_9B00_0000_FFFF);
         assert_eq!(g[3], 0x00CF_9300_0000_FFFF);
         let cs = segment(CODE_SELECTOR, g[2]);
-        assert_eq!((cs.l, cs.db, cs.present, cs.type_, cs.s, cs.g), (1, 0, 1, 0xB, 1, 1));
+        assert_eq!(
+            (cs.l, cs.db, cs.present, cs.type_, cs.s, cs.g),
+            (1, 0, 1, 0xB, 1, 1)
+        );
         assert_eq!(cs.limit, 0xFFFF_FFFF);
         let ds = segment(DATA_SELECTOR, g[3]);
         assert_eq!((ds.l, ds.db, ds.type_), (0, 1, 3));
@@ -269,18 +287,33 @@ mod tests {
         let ram = GuestRam::new(64 << 20).unwrap();
         write_boot_tables(&ram).unwrap();
         assert_eq!(ram.read_u64(PML4_ADDR).unwrap(), PDPT_ADDR | 3);
-        assert_eq!(ram.read_u64(PDPT_ADDR + 24).unwrap(), (PD_ADDR + 0x3000) | 3);
+        assert_eq!(
+            ram.read_u64(PDPT_ADDR + 24).unwrap(),
+            (PD_ADDR + 0x3000) | 3
+        );
         // The last 2 MiB page of the 4th GiB maps the LAPIC area identically.
-        assert_eq!(ram.read_u64(PD_ADDR + 0x3000 + 511 * 8).unwrap(), 0xFFE0_0000 | 0x83);
+        assert_eq!(
+            ram.read_u64(PD_ADDR + 0x3000 + 511 * 8).unwrap(),
+            0xFFE0_0000 | 0x83
+        );
         write_linux_zero_page(&ram, "console=ttyS0", 0xE0000).unwrap();
         let mut p = [0u8; 4096];
         ram.read(ZERO_PAGE_ADDR, &mut p).unwrap();
         assert_eq!(&p[0x202..0x206], b"HdrS");
         assert_eq!(p[0x1e8], 3, "low RAM, ACPI reserved, RAM from 1 MiB");
-        assert_eq!(u64::from_le_bytes(p[0x70..0x78].try_into().unwrap()), 0xE0000);
+        assert_eq!(
+            u64::from_le_bytes(p[0x70..0x78].try_into().unwrap()),
+            0xE0000
+        );
         let e2 = &p[0x2d0 + 2 * 20..0x2d0 + 3 * 20];
-        assert_eq!(u64::from_le_bytes(e2[0..8].try_into().unwrap()), KERNEL_START);
-        assert_eq!(u64::from_le_bytes(e2[8..16].try_into().unwrap()), (64 << 20) - KERNEL_START);
+        assert_eq!(
+            u64::from_le_bytes(e2[0..8].try_into().unwrap()),
+            KERNEL_START
+        );
+        assert_eq!(
+            u64::from_le_bytes(e2[8..16].try_into().unwrap()),
+            (64 << 20) - KERNEL_START
+        );
         let mut c = [0u8; 14];
         ram.read(CMDLINE_ADDR, &mut c).unwrap();
         assert_eq!(&c, b"console=ttyS0\0");

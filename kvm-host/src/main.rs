@@ -12,7 +12,11 @@ use kvm_host::testguest::{self, EchoHandler, Transcript};
 use kvm_host::{ExitReason, Partition, PartitionConfig, RunReport};
 
 #[derive(Parser, Debug)]
-#[command(name = "kvm-host", version, about = "VMBus / Hyper-V synthetic I/O partitions on KVM")]
+#[command(
+    name = "kvm-host",
+    version,
+    about = "VMBus / Hyper-V synthetic I/O partitions on KVM"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Cmd,
@@ -42,7 +46,10 @@ struct RunArgs {
     #[arg(long)]
     linux: bool,
     /// Kernel command line (with --linux).
-    #[arg(long, default_value = "console=ttyS0 noxsave clearcpuid=cx16,smap,smep,umip,popcnt mitigations=off")]
+    #[arg(
+        long,
+        default_value = "console=ttyS0 noxsave clearcpuid=cx16,smap,smep,umip,popcnt mitigations=off"
+    )]
     cmdline: String,
     /// Value passed to a test guest in RCX (0 phase 1, 1 hostile, 2 triple fault).
     #[arg(long, default_value_t = 0)]
@@ -82,7 +89,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     if let Err(e) = kvm_host::kvm_available() {
         eprintln!("kvm-host: cannot run partitions here: {e}");
-        eprintln!("kvm-host: needs a readable/writable /dev/kvm with IRQCHIP, PIT2, SIGNAL_MSI, IRQFD, X86_USER_SPACE_MSR and X86_MSR_FILTER");
+        eprintln!(
+            "kvm-host: needs a readable/writable /dev/kvm with IRQCHIP, PIT2, SIGNAL_MSI, IRQFD, X86_USER_SPACE_MSR and X86_MSR_FILTER"
+        );
         return ExitCode::from(2);
     }
     let result = match cli.command {
@@ -180,7 +189,12 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
         img.entry
     );
     let report = p.run(Some(Duration::from_secs(120)))?;
-    let serial = String::from_utf8_lossy(&buffer.lock().map_err(|_| anyhow::anyhow!("serial buffer poisoned"))?).into_owned();
+    let serial = String::from_utf8_lossy(
+        &buffer
+            .lock()
+            .map_err(|_| anyhow::anyhow!("serial buffer poisoned"))?,
+    )
+    .into_owned();
     let t = Transcript::parse(&serial);
     let mut expected: Vec<&str> = if a.hostile {
         testguest::HOSTILE_STEPS.to_vec()
@@ -198,12 +212,20 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
     }
     let missing = t.missing(&expected);
     println!("partition: {}", describe(&report));
-    if report.reason != ExitReason::ExitPort(0) || !missing.is_empty() || !t.failed.is_empty() || !t.done {
+    if report.reason != ExitReason::ExitPort(0)
+        || !missing.is_empty()
+        || !t.failed.is_empty()
+        || !t.done
+    {
         if !a.verbose {
             println!("--- guest serial output ---\n{serial}---");
         }
         bail!("demo failed: missing steps {missing:?}");
     }
-    println!("demo passed: {} steps in {:.2} s", t.ok.len(), report.guest_time.as_secs_f64());
+    println!(
+        "demo passed: {} steps in {:.2} s",
+        t.ok.len(),
+        report.guest_time.as_secs_f64()
+    );
     Ok(ExitCode::SUCCESS)
 }

@@ -79,13 +79,16 @@ impl GuestRam {
             file.add_seals(&[memfd::FileSeal::SealShrink, memfd::FileSeal::SealGrow])
                 .map_err(|e| MemoryError::Memfd(std::io::Error::other(e)))?;
             let len_usize = usize::try_from(len).map_err(|_| MemoryError::BadSize(size))?;
-            let mapping = MmapRegion::<()>::from_file(FileOffset::new(file.into_file(), 0), len_usize)
-                .map_err(|e| MemoryError::Map(e.to_string()))?;
-            let region = GuestRegionMmap::new(mapping, GuestAddress(gpa))
-                .ok_or_else(|| MemoryError::Map(format!("region at {gpa:#x}+{len:#x} overflows")))?;
+            let mapping =
+                MmapRegion::<()>::from_file(FileOffset::new(file.into_file(), 0), len_usize)
+                    .map_err(|e| MemoryError::Map(e.to_string()))?;
+            let region = GuestRegionMmap::new(mapping, GuestAddress(gpa)).ok_or_else(|| {
+                MemoryError::Map(format!("region at {gpa:#x}+{len:#x} overflows"))
+            })?;
             regions.push(region);
         }
-        let mem = GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
+        let mem =
+            GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryError::Map(e.to_string()))?;
         Ok(GuestRam { mem, size })
     }
 
@@ -118,7 +121,10 @@ impl GuestRam {
 
     /// `(gpa, len)` of every RAM range, for E820 and ACPI.
     pub fn ranges(&self) -> Vec<(u64, u64)> {
-        self.mem.iter().map(|r| (r.start_addr().0, r.len())).collect()
+        self.mem
+            .iter()
+            .map(|r| (r.start_addr().0, r.len()))
+            .collect()
     }
 
     /// Whether `[gpa, gpa + len)` lies entirely inside one RAM region.
@@ -136,7 +142,9 @@ impl GuestRam {
     /// The memfd and file offset holding `gpa` (for handing a range to another process).
     pub fn fd_offset(&self, gpa: u64, len: u64) -> Result<(BorrowedFd<'_>, u64), MemoryError> {
         let (region, offset) = self.locate(gpa, len)?;
-        let fo = region.file_offset().ok_or(MemoryError::OutOfRange { gpa, len })?;
+        let fo = region
+            .file_offset()
+            .ok_or(MemoryError::OutOfRange { gpa, len })?;
         Ok((fo.file().as_fd(), fo.start() + offset))
     }
 
@@ -144,7 +152,9 @@ impl GuestRam {
         let err = MemoryError::OutOfRange { gpa, len };
         let region = self.mem.find_region(GuestAddress(gpa)).ok_or(err)?;
         let offset = gpa - region.start_addr().0;
-        let end = offset.checked_add(len).ok_or(MemoryError::OutOfRange { gpa, len })?;
+        let end = offset
+            .checked_add(len)
+            .ok_or(MemoryError::OutOfRange { gpa, len })?;
         if end > region.len() {
             return Err(MemoryError::OutOfRange { gpa, len });
         }
@@ -211,17 +221,19 @@ impl GuestRam {
 
 impl vmbus_core::memory::GuestMemory for GuestRam {
     fn read_at(&self, gpa: u64, dst: &mut [u8]) -> Result<(), vmbus_core::memory::MemoryError> {
-        self.read(gpa, dst).map_err(|_| vmbus_core::memory::MemoryError::OutOfRange {
-            gpa,
-            len: dst.len() as u64,
-        })
+        self.read(gpa, dst)
+            .map_err(|_| vmbus_core::memory::MemoryError::OutOfRange {
+                gpa,
+                len: dst.len() as u64,
+            })
     }
 
     fn write_at(&self, gpa: u64, src: &[u8]) -> Result<(), vmbus_core::memory::MemoryError> {
-        self.write(gpa, src).map_err(|_| vmbus_core::memory::MemoryError::OutOfRange {
-            gpa,
-            len: src.len() as u64,
-        })
+        self.write(gpa, src)
+            .map_err(|_| vmbus_core::memory::MemoryError::OutOfRange {
+                gpa,
+                len: src.len() as u64,
+            })
     }
 }
 
@@ -254,11 +266,21 @@ mod tests {
     fn large_ram_leaves_the_hole_and_regions_share_by_fd() {
         // Sparse memfds: nothing is touched, so 3.25 GiB costs nothing.
         let ram = GuestRam::new(LOW_RAM_MAX + (256 << 20)).unwrap();
-        assert_eq!(ram.ranges(), vec![(0, LOW_RAM_MAX), (HIGH_RAM_START, 256 << 20)]);
+        assert_eq!(
+            ram.ranges(),
+            vec![(0, LOW_RAM_MAX), (HIGH_RAM_START, 256 << 20)]
+        );
         assert!(!ram.contains(LOW_RAM_MAX, 1));
-        assert!(!ram.contains(LOW_RAM_MAX - 1, 2), "ranges may not run into the hole");
-        ram.write_u64(HIGH_RAM_START + 8, 0x1122_3344_5566_7788).unwrap();
-        assert_eq!(ram.read_u64(HIGH_RAM_START + 8).unwrap(), 0x1122_3344_5566_7788);
+        assert!(
+            !ram.contains(LOW_RAM_MAX - 1, 2),
+            "ranges may not run into the hole"
+        );
+        ram.write_u64(HIGH_RAM_START + 8, 0x1122_3344_5566_7788)
+            .unwrap();
+        assert_eq!(
+            ram.read_u64(HIGH_RAM_START + 8).unwrap(),
+            0x1122_3344_5566_7788
+        );
         let (fd, off) = ram.fd_offset(HIGH_RAM_START + 8, 8).unwrap();
         assert_eq!(off, 8);
         let other = vmbus_core::memory::MappedMemory::map(fd, 4096).unwrap();

@@ -7,10 +7,14 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    KVM_CAP_X86_USER_SPACE_MSR, KVM_MP_STATE_RUNNABLE, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
-    kvm_enable_cap, kvm_mp_state, kvm_msi, kvm_pit_config, kvm_userspace_memory_region,
+    KVM_CAP_X86_USER_SPACE_MSR, KVM_MAX_CPUID_ENTRIES, KVM_MP_STATE_RUNNABLE,
+    KVM_PIT_SPEAKER_DUMMY, kvm_enable_cap, kvm_mp_state, kvm_msi, kvm_pit_config,
+    kvm_userspace_memory_region,
 };
-use kvm_ioctls::{Cap, Kvm, MsrExitReason, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd, VmFd};
+use kvm_ioctls::{
+    Cap, Kvm, MsrExitReason, MsrFilterDefaultAction, MsrFilterRange, MsrFilterRangeFlags, VcpuFd,
+    VmFd,
+};
 use vmm_sys_util::eventfd::EventFd;
 use vmm_sys_util::signal::{Killable, SIGRTMIN, register_signal_handler};
 
@@ -32,7 +36,10 @@ pub enum PartitionError {
     #[error("KVM lacks a capability this VMM needs: {0}")]
     MissingCap(&'static str),
     #[error("{what}: {source}")]
-    Kvm { what: &'static str, source: kvm_ioctls::Error },
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
     #[error("vCPU count {0} is outside 1..={MAX_VCPUS}")]
     BadVcpuCount(u32),
     #[error(transparent)]
@@ -177,8 +184,10 @@ impl Partition {
         let kvm = Kvm::new().map_err(|e| PartitionError::NoKvm(e.to_string()))?;
         check_caps(&kvm)?;
         let vm = Arc::new(kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?);
-        vm.set_tss_address(0xFFFB_D000).map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
-        vm.create_irq_chip().map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+        vm.set_tss_address(0xFFFB_D000)
+            .map_err(kvm_err("KVM_SET_TSS_ADDR"))?;
+        vm.create_irq_chip()
+            .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
         vm.create_pit2(kvm_pit_config {
             flags: KVM_PIT_SPEAKER_DUMMY,
             ..Default::default()
@@ -196,7 +205,8 @@ impl Partition {
             };
             // SAFETY: the region is a live shared mapping of `r.len` bytes owned by `ram`, which the
             // partition keeps alive (Arc) for as long as the VM exists.
-            unsafe { vm.set_user_memory_region(region) }.map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+            unsafe { vm.set_user_memory_region(region) }
+                .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
         }
 
         // Hyper-V MSRs exit to userspace: deny them in the filter; also let refused accesses to
@@ -225,7 +235,9 @@ impl Partition {
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
-            let vcpu = vm.create_vcpu(u64::from(id)).map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let vcpu = vm
+                .create_vcpu(u64::from(id))
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
             vcpu.set_cpuid2(&cpuid::partition_cpuid(&supported, id, config.vcpus)?)
                 .map_err(kvm_err("KVM_SET_CPUID2"))?;
             vcpus.push(vcpu);
@@ -243,14 +255,23 @@ impl Partition {
         ));
         let hv = Arc::new(HvPartition::new(ram.clone(), synic, tsc_hz));
 
-        let com1_irq = EventFd::new(libc::EFD_NONBLOCK).map_err(|e| PartitionError::NoKvm(e.to_string()))?;
-        vm.register_irqfd(&com1_irq, COM1_IRQ).map_err(kvm_err("KVM_IRQFD (COM1)"))?;
-        let irq = com1_irq.try_clone().map_err(|e| PartitionError::NoKvm(e.to_string()))?;
+        let com1_irq =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| PartitionError::NoKvm(e.to_string()))?;
+        vm.register_irqfd(&com1_irq, COM1_IRQ)
+            .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
+        let irq = com1_irq
+            .try_clone()
+            .map_err(|e| PartitionError::NoKvm(e.to_string()))?;
         let com1 = Arc::new(Mutex::new(Com1::new(irq, config.serial.clone())));
 
         boot::write_boot_tables(&ram)?;
         crate::acpi::write_tables(&ram, config.vcpus)?;
-        tracing::debug!(vcpus = config.vcpus, mem = config.mem_bytes, tsc_hz, "partition created");
+        tracing::debug!(
+            vcpus = config.vcpus,
+            mem = config.mem_bytes,
+            tsc_hz,
+            "partition created"
+        );
         Ok(Partition {
             vm,
             ram,
@@ -290,15 +311,26 @@ impl Partition {
 
     /// Loads a bare-metal test image: every VP enters it in long mode with RDI = VP index,
     /// RSI = zero page, RDX = VP count, RCX = `arg`.
-    pub fn load_test_guest(&mut self, path: &Path, arg: u64) -> Result<LoadedImage, PartitionError> {
+    pub fn load_test_guest(
+        &mut self,
+        path: &Path,
+        arg: u64,
+    ) -> Result<LoadedImage, PartitionError> {
         let img = boot::load_elf(&self.ram, path)?;
         boot::write_linux_zero_page(&self.ram, "", boot::ACPI_START)?;
-        self.plan = Some(BootPlan::TestGuest { entry: img.entry, arg });
+        self.plan = Some(BootPlan::TestGuest {
+            entry: img.entry,
+            arg,
+        });
         Ok(img)
     }
 
     /// Loads a Linux vmlinux (ELF) for the 64-bit boot protocol; APs wait for INIT/SIPI.
-    pub fn load_linux(&mut self, path: &Path, cmdline: &str) -> Result<LoadedImage, PartitionError> {
+    pub fn load_linux(
+        &mut self,
+        path: &Path,
+        cmdline: &str,
+    ) -> Result<LoadedImage, PartitionError> {
         let img = boot::load_elf(&self.ram, path)?;
         boot::write_linux_zero_page(&self.ram, cmdline, boot::ACPI_START)?;
         self.plan = Some(BootPlan::Linux { entry: img.entry });

@@ -100,7 +100,13 @@ impl Com1 {
     /// COM1 raising `irq` (an EventFd registered as irqfd for GSI 4) and writing to `sink`.
     pub fn new(irq: EventFd, sink: SerialSink) -> Com1 {
         Com1 {
-            serial: Serial::new(IrqTrigger(irq), SinkWriter { sink, line: Vec::new() }),
+            serial: Serial::new(
+                IrqTrigger(irq),
+                SinkWriter {
+                    sink,
+                    line: Vec::new(),
+                },
+            ),
         }
     }
 

@@ -100,7 +100,13 @@ impl SynicHandler for EchoHandler {
         }
     }
 
-    fn signal_event(&self, synic: &Synic, vp: u32, connection_id: u32, _flag: u16) -> Result<(), HvStatus> {
+    fn signal_event(
+        &self,
+        synic: &Synic,
+        vp: u32,
+        connection_id: u32,
+        _flag: u16,
+    ) -> Result<(), HvStatus> {
         if connection_id != ECHO_EVENT_CONNECTION {
             return Err(HvStatus::InvalidConnectionId);
         }
@@ -135,14 +141,17 @@ pub fn guest_dir() -> PathBuf {
 
 /// Default target directory for the guest build (`<workspace>/target/kvm-guest`).
 pub fn default_target_dir() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join("target").join("kvm-guest")
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .join("target")
+        .join("kvm-guest")
 }
 
 /// Code generation flags for the guest: no instructions this host's KVM emulator cannot execute
 /// (POPCNT, CMPXCHG16B, XSAVE*, AVX, ...), static relocation model.
 pub const GUEST_RUSTFLAGS: &[&str] = &[
     "-C",
-    "target-feature=-popcnt,-cx16,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2,-xsave,-bmi1,-bmi2,-lzcnt,-movbe,-fxsr",
+    "target-feature=-popcnt,-cmpxchg16b,-sse3,-ssse3,-sse4.1,-sse4.2,-avx,-avx2,-xsave,-bmi1,-bmi2,-lzcnt,-movbe,-fxsr",
     "-C",
     "relocation-model=static",
 ];
@@ -151,7 +160,13 @@ pub const GUEST_RUSTFLAGS: &[&str] = &[
 pub fn build_guest(target_dir: &Path) -> Result<PathBuf, GuestBuildError> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
-        .args(["build", "--release", "--target", "x86_64-unknown-none", "--manifest-path"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            "x86_64-unknown-none",
+            "--manifest-path",
+        ])
         .arg(guest_dir().join("Cargo.toml"))
         .arg("--target-dir")
         .arg(target_dir)
@@ -207,7 +222,10 @@ impl Transcript {
 
     /// The detail of step `name`.
     pub fn detail(&self, name: &str) -> Option<&str> {
-        self.ok.iter().find(|(s, _)| s == name).map(|(_, d)| d.as_str())
+        self.ok
+            .iter()
+            .find(|(s, _)| s == name)
+            .map(|(_, d)| d.as_str())
     }
 
     /// Expected steps that are missing.

@@ -11,7 +11,9 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use kvm_bindings::{KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES};
+use kvm_bindings::{
+    KVM_INTERNAL_ERROR_EMULATION, KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES,
+};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::hyperv::hypercall::HypercallInput;
@@ -61,7 +63,10 @@ pub struct RunControl {
 impl RunControl {
     /// Records why the partition stops (the first reason wins) and tells every vCPU to stop.
     pub fn finish(&self, reason: ExitReason) {
-        let mut r = self.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut r = self
+            .reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         if r.is_none() {
             *r = Some(reason);
         }
@@ -77,7 +82,10 @@ impl RunControl {
     /// Waits until a reason is recorded or `timeout` passes (then records [`ExitReason::Timeout`]).
     pub fn wait(&self, timeout: Option<Duration>) -> ExitReason {
         let deadline = timeout.map(|t| Instant::now() + t);
-        let mut r = self.reason.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut r = self
+            .reason
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         loop {
             if let Some(reason) = r.clone() {
                 return reason;
@@ -165,7 +173,10 @@ pub fn run_vcpu(vp: u32, mut vcpu: VcpuFd, shared: &VcpuShared) {
 }
 
 fn com1(shared: &VcpuShared) -> std::sync::MutexGuard<'_, Com1> {
-    shared.com1.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    shared
+        .com1
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn handle_exit(vp: u32, exit: VcpuExit<'_>, shared: &VcpuShared) -> After {
@@ -173,7 +184,9 @@ fn handle_exit(vp: u32, exit: VcpuExit<'_>, shared: &VcpuShared) -> After {
         VcpuExit::IoOut(port, data) => {
             shared.stats.io.fetch_add(1, Ordering::Relaxed);
             match port {
-                EXIT_PORT => return After::Stop(ExitReason::ExitPort(data.first().copied().unwrap_or(0))),
+                EXIT_PORT => {
+                    return After::Stop(ExitReason::ExitPort(data.first().copied().unwrap_or(0)));
+                }
                 HYPERCALL_PORT if shared.hv.hypercall_enabled() => return After::Hypercall,
                 p if Com1::claims(p) => {
                     let mut c = com1(shared);
@@ -184,7 +197,12 @@ fn handle_exit(vp: u32, exit: VcpuExit<'_>, shared: &VcpuShared) -> After {
                 POST_PORT => {}
                 p => {
                     if shared.log.first("out", u64::from(p)) {
-                        tracing::info!(vp, port = format_args!("{p:#x}"), len = data.len(), "unhandled OUT (ignored; logged once)");
+                        tracing::info!(
+                            vp,
+                            port = format_args!("{p:#x}"),
+                            len = data.len(),
+                            "unhandled OUT (ignored; logged once)"
+                        );
                     }
                 }
             }
@@ -199,7 +217,11 @@ fn handle_exit(vp: u32, exit: VcpuExit<'_>, shared: &VcpuShared) -> After {
             } else {
                 data.fill(0xFF);
                 if port != POST_PORT && shared.log.first("in", u64::from(port)) {
-                    tracing::info!(vp, port = format_args!("{port:#x}"), "unhandled IN (reads all-ones; logged once)");
+                    tracing::info!(
+                        vp,
+                        port = format_args!("{port:#x}"),
+                        "unhandled IN (reads all-ones; logged once)"
+                    );
                 }
             }
         }
@@ -207,13 +229,21 @@ fn handle_exit(vp: u32, exit: VcpuExit<'_>, shared: &VcpuShared) -> After {
             shared.stats.mmio.fetch_add(1, Ordering::Relaxed);
             data.fill(0xFF);
             if shared.log.first("mmio-read", addr >> 12) {
-                tracing::info!(vp, addr = format_args!("{addr:#x}"), "MMIO read outside RAM (all-ones; logged once per page)");
+                tracing::info!(
+                    vp,
+                    addr = format_args!("{addr:#x}"),
+                    "MMIO read outside RAM (all-ones; logged once per page)"
+                );
             }
         }
         VcpuExit::MmioWrite(addr, _) => {
             shared.stats.mmio.fetch_add(1, Ordering::Relaxed);
             if shared.log.first("mmio-write", addr >> 12) {
-                tracing::info!(vp, addr = format_args!("{addr:#x}"), "MMIO write outside RAM (ignored; logged once per page)");
+                tracing::info!(
+                    vp,
+                    addr = format_args!("{addr:#x}"),
+                    "MMIO write outside RAM (ignored; logged once per page)"
+                );
             }
         }
         VcpuExit::X86Rdmsr(exit) => {
@@ -276,7 +306,11 @@ fn read_msr(vp: u32, index: u32, shared: &VcpuShared) -> Option<u64> {
             }
         }
     } else if shared.log.first("rdmsr", u64::from(index)) {
-        tracing::info!(vp, msr = format_args!("{index:#x}"), "RDMSR of an MSR KVM refused: #GP (logged once)");
+        tracing::info!(
+            vp,
+            msr = format_args!("{index:#x}"),
+            "RDMSR of an MSR KVM refused: #GP (logged once)"
+        );
     }
     None
 }
@@ -292,7 +326,12 @@ fn write_msr(vp: u32, index: u32, value: u64, shared: &VcpuShared) -> bool {
             }
         }
     } else if shared.log.first("wrmsr", u64::from(index)) {
-        tracing::info!(vp, msr = format_args!("{index:#x}"), value = format_args!("{value:#x}"), "WRMSR KVM refused: #GP (logged once)");
+        tracing::info!(
+            vp,
+            msr = format_args!("{index:#x}"),
+            value = format_args!("{value:#x}"),
+            "WRMSR KVM refused: #GP (logged once)"
+        );
     }
     false
 }
@@ -330,7 +369,9 @@ fn internal_error(vp: u32, vcpu: &mut VcpuFd, shared: &VcpuShared) -> Result<(),
     if suberror != KVM_INTERNAL_ERROR_EMULATION {
         return Err(fail(format!("internal error suberror {suberror}")));
     }
-    let mut regs = vcpu.get_regs().map_err(|e| fail(format!("get_regs: {e}")))?;
+    let mut regs = vcpu
+        .get_regs()
+        .map_err(|e| fail(format!("get_regs: {e}")))?;
     let mut bytes = [0u8; 15];
     let mut len = 0usize;
     if flags & u64::from(KVM_INTERNAL_ERROR_EMULATION_FLAG_INSTRUCTION_BYTES) != 0 {
@@ -353,13 +394,26 @@ fn internal_error(vp: u32, vcpu: &mut VcpuFd, shared: &VcpuShared) -> Result<(),
             )));
         }
     };
-    if shared.log.first("quirk", u64::from(insn.first().copied().unwrap_or(0))) {
-        tracing::info!(vp, rip = format_args!("{:#x}", regs.rip), "emulator cannot run {quirk}: working around it (logged once)");
+    if shared
+        .log
+        .first("quirk", u64::from(insn.first().copied().unwrap_or(0)))
+    {
+        tracing::info!(
+            vp,
+            rip = format_args!("{:#x}", regs.rip),
+            "emulator cannot run {quirk}: working around it (logged once)"
+        );
     }
-    shared.stats.emulation_fixups.fetch_add(1, Ordering::Relaxed);
+    shared
+        .stats
+        .emulation_fixups
+        .fetch_add(1, Ordering::Relaxed);
     regs.rip = regs.rip.wrapping_add(1);
-    vcpu.set_regs(&regs).map_err(|e| fail(format!("set_regs: {e}")))?;
-    let mut events = vcpu.get_vcpu_events().map_err(|e| fail(format!("get_vcpu_events: {e}")))?;
+    vcpu.set_regs(&regs)
+        .map_err(|e| fail(format!("set_regs: {e}")))?;
+    let mut events = vcpu
+        .get_vcpu_events()
+        .map_err(|e| fail(format!("get_vcpu_events: {e}")))?;
     // The failed emulation may have queued #UD: replace it.
     events.exception.pending = 0;
     events.exception.has_error_code = 0;

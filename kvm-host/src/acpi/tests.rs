@@ -36,7 +36,10 @@ fn every_table_sums_to_zero_and_xsdt_points_at_them() {
     let xsdt = read_table(&ram, l.xsdt);
     assert_eq!(&xsdt[..4], b"XSDT");
     assert_eq!(checksum(&xsdt), 0);
-    let entries: Vec<u64> = (36..xsdt.len()).step_by(8).map(|o| u64_at(&xsdt, o)).collect();
+    let entries: Vec<u64> = (36..xsdt.len())
+        .step_by(8)
+        .map(|o| u64_at(&xsdt, o))
+        .collect();
     assert_eq!(entries, vec![l.fadt, l.madt, l.dsdt]);
 
     for (addr, sig) in [(l.fadt, b"FACP"), (l.madt, b"APIC"), (l.dsdt, b"DSDT")] {
@@ -94,7 +97,16 @@ fn dsdt_has_com1_and_the_vmbus_device_linux_matches() {
     assert_eq!(checksum(&d), 0);
     assert_eq!(u32_at(&d, 4) as usize, d.len());
     // Names, as AML NameSegs.
-    for seg in [&b"_SB_"[..], b"COM1", b"VMOD", b"VMBS", b"_HID", b"_CID", b"_UID", b"_CRS"] {
+    for seg in [
+        &b"_SB_"[..],
+        b"COM1",
+        b"VMOD",
+        b"VMBS",
+        b"_HID",
+        b"_CID",
+        b"_UID",
+        b"_CRS",
+    ] {
         assert!(contains(&d, seg), "{}", String::from_utf8_lossy(seg));
     }
     // String _HID / _CID (StringPrefix 0x0D, NUL-terminated): what vmbus_acpi_device_ids match.

@@ -56,11 +56,23 @@ fn sig(s: &[u8; 4]) -> u32 {
 /// The Hyper-V leaves 0x40000000..=0x40000005 for a partition of `vp_count` VPs.
 pub fn hyperv_leaves(vp_count: u32) -> Vec<kvm_cpuid_entry2> {
     vec![
-        leaf(HV_MAX_LEAF - 5, HV_MAX_LEAF, sig(b"Micr"), sig(b"osof"), sig(b"t Hv")),
+        leaf(
+            HV_MAX_LEAF - 5,
+            HV_MAX_LEAF,
+            sig(b"Micr"),
+            sig(b"osof"),
+            sig(b"t Hv"),
+        ),
         leaf(0x4000_0001, sig(b"Hv#1"), 0, 0, 0),
         // Build number (cosmetic), version 10.0.
         leaf(0x4000_0002, 0, 10 << 16, 0, 0),
-        leaf(0x4000_0003, HV_FEATURES_EAX, HV_FEATURES_EBX, 0, HV_FEATURES_EDX),
+        leaf(
+            0x4000_0003,
+            HV_FEATURES_EAX,
+            HV_FEATURES_EBX,
+            0,
+            HV_FEATURES_EDX,
+        ),
         // Spin-wait notification: never.
         leaf(0x4000_0004, HV_RECOMMENDATIONS_EAX, 0xFFFF_FFFF, 0, 0),
         leaf(0x4000_0005, vp_count, vp_count, 0, 0),
@@ -68,7 +80,11 @@ pub fn hyperv_leaves(vp_count: u32) -> Vec<kvm_cpuid_entry2> {
 }
 
 /// Patches KVM's supported CPUID for VP `vp` of a `vp_count`-VP Hyper-V partition.
-pub fn partition_entries(supported: &[kvm_cpuid_entry2], vp: u32, vp_count: u32) -> Vec<kvm_cpuid_entry2> {
+pub fn partition_entries(
+    supported: &[kvm_cpuid_entry2],
+    vp: u32,
+    vp_count: u32,
+) -> Vec<kvm_cpuid_entry2> {
     let mut out: Vec<kvm_cpuid_entry2> = supported
         .iter()
         .filter(|e| !(0x4000_0000..=0x4FFF_FFFF).contains(&e.function))
@@ -84,7 +100,9 @@ pub fn partition_entries(supported: &[kvm_cpuid_entry2], vp: u32, vp_count: u32)
                     | CPUID_1_ECX_OSXSAVE
                     | CPUID_1_ECX_AVX);
                 // Initial APIC id in EBX[31:24]; logical processor count in EBX[23:16].
-                e.ebx = (e.ebx & 0x0000_FFFF) | ((vp & 0xFF) << 24) | ((vp_count.min(255) & 0xFF) << 16);
+                e.ebx = (e.ebx & 0x0000_FFFF)
+                    | ((vp & 0xFF) << 24)
+                    | ((vp_count.min(255) & 0xFF) << 16);
             }
             (7, 0) => {
                 e.ebx &= !CPUID_7_EBX_CLEAR;
@@ -123,7 +141,10 @@ mod tests {
             s.extend_from_slice(&r.to_le_bytes());
         }
         assert_eq!(&s, b"Microsoft Hv");
-        assert_eq!((l0.ebx, l0.ecx, l0.edx), (0x7263_694D, 0x666F_736F, 0x7648_2074));
+        assert_eq!(
+            (l0.ebx, l0.ecx, l0.edx),
+            (0x7263_694D, 0x666F_736F, 0x7648_2074)
+        );
         assert_eq!(find(&v, 0x4000_0001).eax, 0x3123_7648);
         let l3 = find(&v, 0x4000_0003);
         assert_eq!(l3.eax, 0x0000_8864);
@@ -141,7 +162,13 @@ mod tests {
     #[test]
     fn kvm_signature_is_dropped_and_features_patched() {
         let supported = vec![
-            leaf(1, 0, 0x0001_0800, CPUID_1_ECX_POPCNT | CPUID_1_ECX_CX16 | 1, 0),
+            leaf(
+                1,
+                0,
+                0x0001_0800,
+                CPUID_1_ECX_POPCNT | CPUID_1_ECX_CX16 | 1,
+                0,
+            ),
             kvm_cpuid_entry2 {
                 function: 7,
                 index: 0,
@@ -150,13 +177,27 @@ mod tests {
                 ..Default::default()
             },
             leaf(0xB, 0, 0, 0, 0),
-            leaf(0x4000_0000, 0x4000_0001, sig(b"KVMK"), sig(b"VMKV"), sig(b"M\0\0\0")),
+            leaf(
+                0x4000_0000,
+                0x4000_0001,
+                sig(b"KVMK"),
+                sig(b"VMKV"),
+                sig(b"M\0\0\0"),
+            ),
             leaf(0x4000_0001, 0xFFFF, 0, 0, 0),
             leaf(0x4000_0100, 0, sig(b"KVMK"), 0, 0),
         ];
         let out = partition_entries(&supported, 3, 4);
-        assert!(!out.iter().any(|e| e.ebx == sig(b"KVMK")), "KVM signature must be hidden");
-        assert_eq!(out.iter().filter(|e| (0x4000_0000..0x5000_0000).contains(&e.function)).count(), 6);
+        assert!(
+            !out.iter().any(|e| e.ebx == sig(b"KVMK")),
+            "KVM signature must be hidden"
+        );
+        assert_eq!(
+            out.iter()
+                .filter(|e| (0x4000_0000..0x5000_0000).contains(&e.function))
+                .count(),
+            6
+        );
         let l1 = find(&out, 1);
         assert_ne!(l1.ecx & CPUID_1_ECX_HYPERVISOR, 0);
         assert_eq!(l1.ecx & (CPUID_1_ECX_POPCNT | CPUID_1_ECX_CX16), 0);

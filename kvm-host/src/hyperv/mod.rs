@@ -149,7 +149,9 @@ impl HvPartition {
     }
 
     fn msrs(&self) -> std::sync::MutexGuard<'_, PartitionMsrs> {
-        self.msrs.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.msrs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Whether the guest enabled the hypercall page.
@@ -222,8 +224,13 @@ impl HvPartition {
                 if value & 1 != 0 && !self.ram.contains(gpa, PAGE_SIZE) {
                     return Err(MsrError::OutsideRam { index, gpa });
                 }
-                let slot = self.vp_assist.get(vp as usize).ok_or(MsrError::Unknown(index))?;
-                *slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = value;
+                let slot = self
+                    .vp_assist
+                    .get(vp as usize)
+                    .ok_or(MsrError::Unknown(index))?;
+                *slot
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = value;
             }
             msr::TSC_INVARIANT_CONTROL => {
                 if value & !1 != 0 {

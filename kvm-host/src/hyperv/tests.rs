@@ -3,7 +3,9 @@
 use super::hypercall::{HVCALL_POST_MESSAGE, HVCALL_SIGNAL_EVENT, HypercallInput};
 use super::*;
 use crate::synic::{InterruptSink, page};
-use crate::testguest::{ECHO_EVENT_CONNECTION, ECHO_EVENT_FLAG, ECHO_MESSAGE_CONNECTION, EchoHandler};
+use crate::testguest::{
+    ECHO_EVENT_CONNECTION, ECHO_EVENT_FLAG, ECHO_MESSAGE_CONNECTION, EchoHandler,
+};
 
 struct NoIrq;
 impl InterruptSink for NoIrq {
@@ -31,15 +33,27 @@ fn post_input(hv: &HvPartition, gpa: u64, connection: u32, ty: u32, size: u32, p
 }
 
 fn call(hv: &HvPartition, control: u64, input: u64) -> u64 {
-    hv.hypercall(0, HypercallInput { control, input, output: 0 })
+    hv.hypercall(
+        0,
+        HypercallInput {
+            control,
+            input,
+            output: 0,
+        },
+    )
 }
 
 #[test]
 fn guest_os_id_gates_the_hypercall_page_which_holds_the_trap_stub() {
     let hv = partition(1, 8);
     hv.write_msr(0, msr::HYPERCALL, 0x5000 | 1).unwrap();
-    assert_eq!(hv.read_msr(0, msr::HYPERCALL), Ok(0x5000), "no guest OS id yet: enable ignored");
-    hv.write_msr(0, msr::GUEST_OS_ID, 0x8100_0000_0000_0000).unwrap();
+    assert_eq!(
+        hv.read_msr(0, msr::HYPERCALL),
+        Ok(0x5000),
+        "no guest OS id yet: enable ignored"
+    );
+    hv.write_msr(0, msr::GUEST_OS_ID, 0x8100_0000_0000_0000)
+        .unwrap();
     assert_eq!(hv.read_msr(0, msr::GUEST_OS_ID), Ok(0x8100_0000_0000_0000));
     hv.write_msr(0, msr::HYPERCALL, 0x5000 | 1).unwrap();
     assert_eq!(hv.read_msr(0, msr::HYPERCALL), Ok(0x5001));
@@ -51,8 +65,14 @@ fn guest_os_id_gates_the_hypercall_page_which_holds_the_trap_stub() {
     assert_eq!(code[8], 0xEF, "out dx, eax");
     assert_eq!(code[9], 0xC3, "ret");
     assert_eq!(code[11], 0xCC);
-    assert!(matches!(hv.write_msr(0, msr::HYPERCALL, 0x6000 | 4 | 1), Err(MsrError::Reserved { .. })));
-    assert!(matches!(hv.write_msr(0, msr::HYPERCALL, RAM | 1), Err(MsrError::OutsideRam { .. })));
+    assert!(matches!(
+        hv.write_msr(0, msr::HYPERCALL, 0x6000 | 4 | 1),
+        Err(MsrError::Reserved { .. })
+    ));
+    assert!(matches!(
+        hv.write_msr(0, msr::HYPERCALL, RAM | 1),
+        Err(MsrError::OutsideRam { .. })
+    ));
     // Locked: later writes are ignored.
     hv.write_msr(0, msr::HYPERCALL, 0x5000 | 3).unwrap();
     hv.write_msr(0, msr::HYPERCALL, 0).unwrap();
@@ -63,10 +83,22 @@ fn guest_os_id_gates_the_hypercall_page_which_holds_the_trap_stub() {
 fn read_only_unknown_and_time_msrs() {
     let hv = partition(4, 8);
     assert_eq!(hv.read_msr(3, msr::VP_INDEX), Ok(3));
-    assert_eq!(hv.write_msr(0, msr::VP_INDEX, 1), Err(MsrError::ReadOnly(msr::VP_INDEX)));
-    assert_eq!(hv.read_msr(0, msr::VP_RUNTIME), Err(MsrError::Unknown(msr::VP_RUNTIME)));
-    assert_eq!(hv.read_msr(0, 0x4000_00FF), Err(MsrError::Unknown(0x4000_00FF)));
-    assert_eq!(hv.write_msr(0, msr::RESET, 1), Err(MsrError::Unknown(msr::RESET)));
+    assert_eq!(
+        hv.write_msr(0, msr::VP_INDEX, 1),
+        Err(MsrError::ReadOnly(msr::VP_INDEX))
+    );
+    assert_eq!(
+        hv.read_msr(0, msr::VP_RUNTIME),
+        Err(MsrError::Unknown(msr::VP_RUNTIME))
+    );
+    assert_eq!(
+        hv.read_msr(0, 0x4000_00FF),
+        Err(MsrError::Unknown(0x4000_00FF))
+    );
+    assert_eq!(
+        hv.write_msr(0, msr::RESET, 1),
+        Err(MsrError::Unknown(msr::RESET))
+    );
     let t0 = hv.read_msr(0, msr::TIME_REF_COUNT).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(2));
     let t1 = hv.read_msr(1, msr::TIME_REF_COUNT).unwrap();
@@ -92,7 +124,14 @@ fn hypercalls_without_a_handler_see_unknown_connections() {
     let hv = partition(1, 8);
     post_input(&hv, INPUT, 1, 1, 16, &[0; 16]);
     assert_eq!(call(&hv, u64::from(HVCALL_POST_MESSAGE), INPUT), 0x12);
-    assert_eq!(call(&hv, u64::from(HVCALL_SIGNAL_EVENT) | hypercall::CONTROL_FAST, 1), 0x12);
+    assert_eq!(
+        call(
+            &hv,
+            u64::from(HVCALL_SIGNAL_EVENT) | hypercall::CONTROL_FAST,
+            1
+        ),
+        0x12
+    );
 }
 
 #[test]
@@ -104,15 +143,31 @@ fn malformed_hypercalls_get_the_documented_statuses() {
     assert_eq!(call(&hv, post, INPUT), 0, "valid post");
     assert_eq!(call(&hv, 0x99, INPUT), 0x2, "unknown call code");
     assert_eq!(call(&hv, post, INPUT + 4), 0x4, "misaligned input");
-    assert_eq!(call(&hv, post, INPUT + 0xF08), 0x3, "input straddles a page");
+    assert_eq!(
+        call(&hv, post, INPUT + 0xF08),
+        0x3,
+        "input straddles a page"
+    );
     assert_eq!(call(&hv, post, RAM), 0x3, "input outside RAM");
     assert_eq!(call(&hv, post, 0xFEC0_0000), 0x3, "input in the MMIO hole");
     assert_eq!(call(&hv, post, !7u64), 0x3, "absurd GPA");
-    assert_eq!(call(&hv, post | 1 << 32, INPUT), 0x3, "rep count on a simple call");
-    assert_eq!(call(&hv, post | 1 << 48, INPUT), 0x3, "rep start on a simple call");
+    assert_eq!(
+        call(&hv, post | 1 << 32, INPUT),
+        0x3,
+        "rep count on a simple call"
+    );
+    assert_eq!(
+        call(&hv, post | 1 << 48, INPUT),
+        0x3,
+        "rep start on a simple call"
+    );
     assert_eq!(call(&hv, post | 1 << 17, INPUT), 0x3, "variable header");
     assert_eq!(call(&hv, post | 1 << 27, INPUT), 0x3, "reserved bits");
-    assert_eq!(call(&hv, post | hypercall::CONTROL_FAST, INPUT), 0x3, "fast post");
+    assert_eq!(
+        call(&hv, post | hypercall::CONTROL_FAST, INPUT),
+        0x3,
+        "fast post"
+    );
     post_input(&hv, INPUT, ECHO_MESSAGE_CONNECTION, 1, 241, &[]);
     assert_eq!(call(&hv, post, INPUT), 0x5, "payload too large");
     post_input(&hv, INPUT, ECHO_MESSAGE_CONNECTION, 1, 7, &[]);
@@ -124,23 +179,44 @@ fn malformed_hypercalls_get_the_documented_statuses() {
     post_input(&hv, INPUT, 0x12345, 1, 16, &[]);
     assert_eq!(call(&hv, post, INPUT), 0x12, "unknown connection id");
     // Bits 31:24 of the connection id are ignored.
-    post_input(&hv, INPUT, ECHO_MESSAGE_CONNECTION | 0xFF00_0000, 1, 16, &[]);
+    post_input(
+        &hv,
+        INPUT,
+        ECHO_MESSAGE_CONNECTION | 0xFF00_0000,
+        1,
+        16,
+        &[],
+    );
     assert_eq!(call(&hv, post, INPUT), 0);
 
     let signal = u64::from(HVCALL_SIGNAL_EVENT);
     let fast = signal | hypercall::CONTROL_FAST;
     assert_eq!(call(&hv, fast, 0x777), 0x12, "unknown event port");
-    assert_eq!(call(&hv, fast, u64::from(ECHO_EVENT_CONNECTION) | 2048 << 32), 0x5, "flag >= 2048");
-    assert_eq!(call(&hv, fast, u64::from(ECHO_EVENT_CONNECTION) | 1 << 48), 0x3, "reserved bits");
+    assert_eq!(
+        call(&hv, fast, u64::from(ECHO_EVENT_CONNECTION) | 2048 << 32),
+        0x5,
+        "flag >= 2048"
+    );
+    assert_eq!(
+        call(&hv, fast, u64::from(ECHO_EVENT_CONNECTION) | 1 << 48),
+        0x3,
+        "reserved bits"
+    );
     // SIEFP not enabled yet: the echo cannot deliver.
     assert_eq!(call(&hv, fast, u64::from(ECHO_EVENT_CONNECTION)), 0x18);
     hv.write_msr(0, msr::SIEFP, SIEFP | 1).unwrap();
     hv.write_msr(0, msr::SCONTROL, 1).unwrap();
     assert_eq!(call(&hv, fast, u64::from(ECHO_EVENT_CONNECTION)), 0);
-    hv.ram().write_u64(INPUT, u64::from(ECHO_EVENT_CONNECTION)).unwrap();
+    hv.ram()
+        .write_u64(INPUT, u64::from(ECHO_EVENT_CONNECTION))
+        .unwrap();
     assert_eq!(call(&hv, signal, INPUT), 0, "slow signal");
     assert_eq!(call(&hv, signal, INPUT + 2), 0x4, "slow signal misaligned");
-    assert!(page::clear_flag(hv.ram().page_words(SIEFP).unwrap(), 2, ECHO_EVENT_FLAG));
+    assert!(page::clear_flag(
+        hv.ram().page_words(SIEFP).unwrap(),
+        2,
+        ECHO_EVENT_FLAG
+    ));
 }
 
 #[test]
@@ -151,7 +227,9 @@ fn a_guest_that_never_consumes_gets_insufficient_buffers() {
     hv.write_msr(0, msr::SINT0 + 2, 0x50).unwrap();
     hv.write_msr(0, msr::SCONTROL, 1).unwrap();
     post_input(&hv, INPUT, ECHO_MESSAGE_CONNECTION, 1, 8, &[1; 8]);
-    let results: Vec<u64> = (0..8).map(|_| call(&hv, u64::from(HVCALL_POST_MESSAGE), INPUT)).collect();
+    let results: Vec<u64> = (0..8)
+        .map(|_| call(&hv, u64::from(HVCALL_POST_MESSAGE), INPUT))
+        .collect();
     // One in the slot, four queued, then the queue is full.
     assert_eq!(results, vec![0, 0, 0, 0, 0, 0x13, 0x13, 0x13]);
 }

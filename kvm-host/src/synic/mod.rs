@@ -61,7 +61,13 @@ pub trait SynicHandler: Send + Sync {
 
     /// `HvSignalEvent` from VP `vp` on `connection_id` with flag number `flag`. Return
     /// `Err(HvStatus::InvalidConnectionId)` for a connection id that is not an event port.
-    fn signal_event(&self, synic: &Synic, vp: u32, connection_id: u32, flag: u16) -> Result<(), HvStatus>;
+    fn signal_event(
+        &self,
+        synic: &Synic,
+        vp: u32,
+        connection_id: u32,
+        flag: u16,
+    ) -> Result<(), HvStatus>;
 }
 
 /// Host-side errors of SynIC delivery.
@@ -114,7 +120,10 @@ impl VpSynic {
     }
 
     fn sint_reg(&self, sint: u8) -> u64 {
-        self.sint.get(usize::from(sint)).copied().unwrap_or(SINT_MASKED)
+        self.sint
+            .get(usize::from(sint))
+            .copied()
+            .unwrap_or(SINT_MASKED)
     }
 
     fn messages_deliverable(&self, sint: u8) -> bool {
@@ -142,7 +151,12 @@ impl std::fmt::Debug for Synic {
 
 impl Synic {
     /// A SynIC for `vp_count` VPs over `ram`, raising interrupts through `irq`.
-    pub fn new(ram: Arc<GuestRam>, vp_count: u32, irq: Arc<dyn InterruptSink>, queue_depth: usize) -> Synic {
+    pub fn new(
+        ram: Arc<GuestRam>,
+        vp_count: u32,
+        irq: Arc<dyn InterruptSink>,
+        queue_depth: usize,
+    ) -> Synic {
         Synic {
             ram,
             irq,
@@ -186,7 +200,13 @@ impl Synic {
 
     /// Sends a message of `message_type` (VMBus channel messages: 1) to SINT `sint` of VP `vp`.
     /// Messages to one (VP, SINT) arrive in order.
-    pub fn post_to_guest(&self, vp: u32, sint: u8, message_type: u32, payload: &[u8]) -> Result<Delivery, SynicError> {
+    pub fn post_to_guest(
+        &self,
+        vp: u32,
+        sint: u8,
+        message_type: u32,
+        payload: &[u8],
+    ) -> Result<Delivery, SynicError> {
         if usize::from(sint) >= SINT_COUNT {
             return Err(SynicError::InvalidSint(sint));
         }
@@ -222,7 +242,10 @@ impl Synic {
         }
         // A slot freed without EOM (or a queue built while the SynIC was off) moves now.
         self.pump(vp, &mut st);
-        let still_queued = st.queues.get(usize::from(sint)).is_some_and(|q| !q.is_empty());
+        let still_queued = st
+            .queues
+            .get(usize::from(sint))
+            .is_some_and(|q| !q.is_empty());
         Ok(if still_queued {
             Delivery::Queued
         } else {
@@ -336,10 +359,16 @@ impl Synic {
                 if enabled && !self.ram.contains(gpa, PAGE_SIZE) {
                     return Err(MsrError::OutsideRam { index, gpa });
                 }
-                let old = if index == msr::SIMP { st.simp } else { st.siefp };
+                let old = if index == msr::SIMP {
+                    st.simp
+                } else {
+                    st.siefp
+                };
                 if enabled && (old & 1 == 0 || old & !0xFFF != gpa) {
                     // An overlay page starts empty (KVM's SynIC does the same).
-                    self.ram.zero(gpa, PAGE_SIZE).map_err(|_| MsrError::OutsideRam { index, gpa })?;
+                    self.ram
+                        .zero(gpa, PAGE_SIZE)
+                        .map_err(|_| MsrError::OutsideRam { index, gpa })?;
                 }
                 if index == msr::SIMP {
                     st.simp = value;

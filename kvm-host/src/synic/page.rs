@@ -82,7 +82,8 @@ pub fn offer(page: &PageWords, sint: u8, msg: &SlotMessage, more_queued: bool) -
     for (i, chunk) in body.chunks_exact(4).enumerate() {
         let mut b = [0u8; 4];
         b.copy_from_slice(chunk);
-        word(page, base.wrapping_add(4).wrapping_add(i)).store(u32::from_le_bytes(b), Ordering::Relaxed);
+        word(page, base.wrapping_add(4).wrapping_add(i))
+            .store(u32::from_le_bytes(b), Ordering::Relaxed);
     }
     ty.store(msg.message_type, Ordering::Release);
     Offer::Delivered
@@ -103,11 +104,17 @@ pub fn take(page: &PageWords, sint: u8) -> Option<(SlotMessage, bool)> {
         | (u64::from(word(page, base.wrapping_add(3)).load(Ordering::Relaxed)) << 32);
     let mut payload = Vec::with_capacity(MAX_PAYLOAD);
     for i in 0..MAX_PAYLOAD / 4 {
-        payload.extend_from_slice(&word(page, base.wrapping_add(4).wrapping_add(i)).load(Ordering::Relaxed).to_le_bytes());
+        payload.extend_from_slice(
+            &word(page, base.wrapping_add(4).wrapping_add(i))
+                .load(Ordering::Relaxed)
+                .to_le_bytes(),
+        );
     }
     payload.truncate(len);
-    ty.compare_exchange(seen, HVMSG_NONE, Ordering::SeqCst, Ordering::SeqCst).ok()?;
-    let pending = word(page, base.wrapping_add(1)).load(Ordering::SeqCst) & PENDING_BIT_IN_WORD != 0;
+    ty.compare_exchange(seen, HVMSG_NONE, Ordering::SeqCst, Ordering::SeqCst)
+        .ok()?;
+    let pending =
+        word(page, base.wrapping_add(1)).load(Ordering::SeqCst) & PENDING_BIT_IN_WORD != 0;
     Some((
         SlotMessage {
             message_type: seen,
@@ -171,7 +178,10 @@ mod tests {
         // payload_size 240 at byte 4, flags (pending) at byte 5.
         assert_eq!(page[base + 1].load(Ordering::Relaxed), 240 | 0x100);
         assert_eq!(page[base + 2].load(Ordering::Relaxed), 0x5566_7788);
-        assert_eq!(page[base + 4].load(Ordering::Relaxed), u32::from_le_bytes([0, 1, 2, 3]));
+        assert_eq!(
+            page[base + 4].load(Ordering::Relaxed),
+            u32::from_le_bytes([0, 1, 2, 3])
+        );
         // Other slots untouched.
         assert!(page[..base].iter().all(|w| w.load(Ordering::Relaxed) == 0));
         let (got, pending) = take(&page, 2).unwrap();

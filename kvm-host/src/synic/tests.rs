@@ -48,8 +48,14 @@ fn guest_take(ram: &GuestRam, s: &Synic, vp: u32) -> Option<Vec<u8>> {
 #[test]
 fn messages_wait_for_the_synic_then_flow_through_pending_and_eom() {
     let (ram, rec, s) = synic(1, 8);
-    assert_eq!(s.post_to_guest(0, 2, 1, b"first message").unwrap(), Delivery::Queued);
-    assert_eq!(s.post_to_guest(0, 2, 1, b"second message").unwrap(), Delivery::Queued);
+    assert_eq!(
+        s.post_to_guest(0, 2, 1, b"first message").unwrap(),
+        Delivery::Queued
+    );
+    assert_eq!(
+        s.post_to_guest(0, 2, 1, b"second message").unwrap(),
+        Delivery::Queued
+    );
     assert_eq!(s.queued(0, 2), 2);
     // Nothing is written before the guest enables SIMP + SINT2 + SCONTROL.
     s.write_msr(0, msr::SIMP, SIMP | 1).unwrap();
@@ -65,7 +71,10 @@ fn messages_wait_for_the_synic_then_flow_through_pending_and_eom() {
     assert!(guest_take(&ram, &s, 0).is_none());
     assert_eq!(s.queued(0, 2), 0);
     // A free slot takes a new message at once.
-    assert_eq!(s.post_to_guest(0, 2, 1, b"third").unwrap(), Delivery::Delivered);
+    assert_eq!(
+        s.post_to_guest(0, 2, 1, b"third").unwrap(),
+        Delivery::Delivered
+    );
     assert_eq!(rec.take(), vec![(0, 0x50)]);
 }
 
@@ -79,7 +88,11 @@ fn busy_slot_queues_and_queue_is_bounded() {
     }
     assert_eq!(
         s.post_to_guest(1, 2, 1, b"c"),
-        Err(SynicError::QueueFull { vp: 1, sint: 2, depth: 3 })
+        Err(SynicError::QueueFull {
+            vp: 1,
+            sint: 2,
+            depth: 3
+        })
     );
     let mut got = 0;
     while guest_take(&ram, &s, 1).is_some() {
@@ -93,12 +106,30 @@ fn busy_slot_queues_and_queue_is_bounded() {
 #[test]
 fn bad_targets_and_payloads_are_refused() {
     let (_ram, _rec, s) = synic(1, 8);
-    assert!(matches!(s.post_to_guest(1, 2, 1, b"x"), Err(SynicError::InvalidVp { vp: 1, vps: 1 })));
-    assert_eq!(s.post_to_guest(0, 16, 1, b"x"), Err(SynicError::InvalidSint(16)));
-    assert_eq!(s.post_to_guest(0, 2, 0, b"x"), Err(SynicError::NoneMessageType));
-    assert_eq!(s.post_to_guest(0, 2, 1, &[0; 241]), Err(SynicError::PayloadTooLarge(241)));
-    assert_eq!(s.signal_guest(0, 2, 2048), Err(SynicError::InvalidFlag(2048)));
-    assert_eq!(s.signal_guest(0, 2, 5), Err(SynicError::EventsDisabled { vp: 0 }));
+    assert!(matches!(
+        s.post_to_guest(1, 2, 1, b"x"),
+        Err(SynicError::InvalidVp { vp: 1, vps: 1 })
+    ));
+    assert_eq!(
+        s.post_to_guest(0, 16, 1, b"x"),
+        Err(SynicError::InvalidSint(16))
+    );
+    assert_eq!(
+        s.post_to_guest(0, 2, 0, b"x"),
+        Err(SynicError::NoneMessageType)
+    );
+    assert_eq!(
+        s.post_to_guest(0, 2, 1, &[0; 241]),
+        Err(SynicError::PayloadTooLarge(241))
+    );
+    assert_eq!(
+        s.signal_guest(0, 2, 2048),
+        Err(SynicError::InvalidFlag(2048))
+    );
+    assert_eq!(
+        s.signal_guest(0, 2, 5),
+        Err(SynicError::EventsDisabled { vp: 0 })
+    );
 }
 
 #[test]
@@ -123,21 +154,39 @@ fn events_set_bits_and_interrupt_only_on_a_clear_to_set_edge() {
 fn synic_msrs_validate_and_refuse_without_changing_state() {
     let (ram, _rec, s) = synic(1, 8);
     assert_eq!(s.read_msr(0, msr::SVERSION), Ok(1));
-    assert_eq!(s.write_msr(0, msr::SVERSION, 1), Err(MsrError::ReadOnly(msr::SVERSION)));
+    assert_eq!(
+        s.write_msr(0, msr::SVERSION, 1),
+        Err(MsrError::ReadOnly(msr::SVERSION))
+    );
     assert_eq!(s.read_msr(0, msr::SINT0 + 5), Ok(SINT_MASKED));
     // Unmasked vector < 16.
-    assert!(matches!(s.write_msr(0, msr::SINT0, 0x0F), Err(MsrError::BadVector { .. })));
+    assert!(matches!(
+        s.write_msr(0, msr::SINT0, 0x0F),
+        Err(MsrError::BadVector { .. })
+    ));
     // Masked with a small vector is fine.
     s.write_msr(0, msr::SINT0, SINT_MASKED | 0x0F).unwrap();
     // Reserved bits (proxy, bit 20).
-    assert!(matches!(s.write_msr(0, msr::SINT0, 0x50 | 1 << 20), Err(MsrError::Reserved { .. })));
-    assert!(matches!(s.write_msr(0, msr::SCONTROL, 2), Err(MsrError::Reserved { .. })));
-    assert!(matches!(s.write_msr(0, msr::SIMP, SIMP | 0x10 | 1), Err(MsrError::Reserved { .. })));
+    assert!(matches!(
+        s.write_msr(0, msr::SINT0, 0x50 | 1 << 20),
+        Err(MsrError::Reserved { .. })
+    ));
+    assert!(matches!(
+        s.write_msr(0, msr::SCONTROL, 2),
+        Err(MsrError::Reserved { .. })
+    ));
+    assert!(matches!(
+        s.write_msr(0, msr::SIMP, SIMP | 0x10 | 1),
+        Err(MsrError::Reserved { .. })
+    ));
     // Outside RAM (1 MiB here): refused, old value kept.
     s.write_msr(0, msr::SIMP, SIMP | 1).unwrap();
     assert_eq!(
         s.write_msr(0, msr::SIMP, (1 << 20) | 1),
-        Err(MsrError::OutsideRam { index: msr::SIMP, gpa: 1 << 20 })
+        Err(MsrError::OutsideRam {
+            index: msr::SIMP,
+            gpa: 1 << 20
+        })
     );
     assert_eq!(s.read_msr(0, msr::SIMP), Ok(SIMP | 1));
     assert!(s.write_msr(0, msr::SIEFP, 0xFFFF_F000 | 1).is_err());
@@ -150,7 +199,10 @@ fn synic_msrs_validate_and_refuse_without_changing_state() {
     ram.read(SIEFP, &mut b).unwrap();
     assert_eq!(b, [0; 16]);
     assert_eq!(s.read_msr(0, msr::EOM), Ok(0));
-    assert_eq!(s.read_msr(0, 0x4000_00A0), Err(MsrError::Unknown(0x4000_00A0)));
+    assert_eq!(
+        s.read_msr(0, 0x4000_00A0),
+        Err(MsrError::Unknown(0x4000_00A0))
+    );
 }
 
 #[test]
