@@ -44,8 +44,21 @@ fn is_udp_to(f: &[u8], port: u16) -> bool {
 #[test]
 fn arp_and_icmp_echo_through_tap() {
     require_netns!();
+    for vnet_hdr_len in [12, 10] {
+        arp_and_icmp(vnet_hdr_len);
+    }
+}
+
+fn arp_and_icmp(vnet_hdr_len: usize) {
     let ns = NetNs::new("icmp").unwrap();
-    let (mut tap, name) = open_in(&ns, TapConfig::default());
+    let (mut tap, name) = open_in(
+        &ns,
+        TapConfig {
+            vnet_hdr_len,
+            ..TapConfig::default()
+        },
+    );
+    assert_eq!(tap.vnet_hdr_len(), vnet_hdr_len);
     ns.ip(&["addr", "add", "10.77.0.1/24", "dev", &name]);
     assert!(
         tap.link_up().unwrap(),
