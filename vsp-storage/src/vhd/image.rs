@@ -38,6 +38,13 @@ impl OpenOptions {
             ..OpenOptions::default()
         }
     }
+
+    /// Whether to find and open the parent of a differencing image (see
+    /// [`OpenOptions::resolve_parent`]).
+    pub fn with_parent(mut self, resolve: bool) -> Self {
+        self.resolve_parent = resolve;
+        self
+    }
 }
 
 /// An open VHD image.

@@ -151,21 +151,28 @@ pub fn inspect(path: impl AsRef<Path>, resolve_parent: bool) -> Result<Inspectio
     read_exact_at(&file, &mut end, len - FOOTER_SIZE as u64)?;
     let mut start = [0u8; FOOTER_SIZE];
     read_exact_at(&file, &mut start, 0)?;
-    let (footer, fbytes, location) = match Footer::decode(&end) {
-        Ok(f) => (f, end, "end"),
-        Err(end_err) => match Footer::decode(&start) {
-            Ok(f) if f.disk_type.is_sparse() => (f, start, "start"),
-            _ => return Err(end_err),
+    // The same choice as opening: a verified footer at the end, else a verified copy at the
+    // start (dynamic / differencing), else whatever decodes, to report what is wrong with it.
+    let (footer, fbytes, location) = match (Footer::parse(&end), Footer::parse(&start)) {
+        (Ok(f), _) => (f, end, "end"),
+        (Err(_), Ok(f)) if f.disk_type.is_sparse() => (f, start, "start"),
+        _ => match Footer::decode(&end) {
+            Ok(f) => (f, end, "end"),
+            Err(end_err) => match Footer::decode(&start) {
+                Ok(f) if f.disk_type.is_sparse() => (f, start, "start"),
+                _ => return Err(end_err),
+            },
         },
     };
+    let end_ok = Footer::parse(&end).is_ok();
     check(
         &mut checks,
         "footer at end of file",
-        location == "end",
-        if location == "end" {
-            "present"
-        } else {
-            "missing or damaged; using the copy at offset 0"
+        end_ok,
+        match (end_ok, location) {
+            (true, _) => "present",
+            (false, "start") => "missing or damaged; using the copy at offset 0",
+            (false, _) => "damaged",
         },
     );
     let freport = footer_report(&footer, &fbytes, location);

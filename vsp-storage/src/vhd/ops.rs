@@ -218,7 +218,7 @@ impl ConvertOptions {
 
 /// A conversion source: a VHD (any type; a differencing chain is flattened) or a raw file.
 enum Source {
-    Vhd(Vhd),
+    Vhd(Box<Vhd>),
     Raw(File, u64),
 }
 
@@ -234,7 +234,10 @@ impl Source {
                 && Footer::has_cookie(&cookie))
                 || (file.read_exact_at(&mut cookie, 0).is_ok() && Footer::has_cookie(&cookie)));
         if looks_vhd {
-            Ok(Source::Vhd(Vhd::open(path, &OpenOptions::read_only())?))
+            Ok(Source::Vhd(Box::new(Vhd::open(
+                path,
+                &OpenOptions::read_only(),
+            )?)))
         } else {
             Ok(Source::Raw(file, len))
         }
@@ -294,7 +297,7 @@ pub fn convert(
 
 enum Target {
     Raw(File),
-    Vhd(Vhd),
+    Vhd(Box<Vhd>),
 }
 
 fn convert_into(
@@ -329,7 +332,7 @@ fn convert_into(
                 },
             )?;
             let s = v.size;
-            (Target::Vhd(v), s)
+            (Target::Vhd(Box::new(v)), s)
         }
     };
     let mut buf = vec![0u8; usize_of(COPY_CHUNK)?];

@@ -414,7 +414,7 @@ fn compact_differencing_drops_what_the_parent_has() {
     let bs = 16 * KIB as usize;
     let c = Vhd::open(&child, &OpenOptions::default()).unwrap();
     // Block 0: same data as the parent (redundant); block 1: zeros over parent data (kept).
-    c.write_at(0, &model[..bs].to_vec(), false).unwrap();
+    c.write_at(0, &model[..bs], false).unwrap();
     c.write_at(bs as u64, &vec![0u8; bs], false).unwrap();
     model[bs..2 * bs].fill(0);
     drop(c);
