@@ -2,5 +2,5 @@
 
 pub mod backend;
 pub mod netvsp;
-pub mod tap;
 pub mod switch;
+pub mod tap;

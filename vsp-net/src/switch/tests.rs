@@ -555,3 +555,89 @@ fn ports_forward_concurrently() {
     );
     assert_eq!(sw.stats().flooded, 0);
 }
+
+mod hostile {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::tap::offload::{Checksum, Gso, GsoKind, L3Proto, L4Proto};
+
+    fn meta() -> impl Strategy<Value = FrameMeta> {
+        let csum = prop_oneof![
+            Just(Checksum::None),
+            Just(Checksum::Valid),
+            (any::<u16>(), any::<u16>())
+                .prop_map(|(start, offset)| Checksum::Partial { start, offset }),
+            (any::<bool>(), any::<bool>(), 0u16..80).prop_map(|(v6, udp, l4_offset)| {
+                Checksum::Offload {
+                    l3: if v6 { L3Proto::Ipv6 } else { L3Proto::Ipv4 },
+                    l4: Some(if udp { L4Proto::Udp } else { L4Proto::Tcp }),
+                    ip_header: !v6,
+                    l4_offset,
+                }
+            }),
+        ];
+        let gso = prop::option::of((0u8..3, any::<u16>(), 0u16..300).prop_map(
+            |(k, mss, hdr_len)| Gso {
+                kind: [GsoKind::TcpV4, GsoKind::TcpV6, GsoKind::UdpL4][usize::from(k)],
+                mss,
+                hdr_len,
+                ecn: false,
+            },
+        ));
+        let vlan = prop::option::of(any::<u16>().prop_map(VlanTag::from_tci));
+        (csum, gso, vlan).prop_map(|(csum, gso, vlan)| FrameMeta { csum, gso, vlan })
+    }
+
+    /// Frames that mostly look like Ethernet/IPv4|IPv6/TCP|UDP, with random bytes mixed in.
+    fn frame() -> impl Strategy<Value = Vec<u8>> {
+        (
+            prop::sample::select(vec![0x0800u16, 0x86dd, 0x8100, 0x0806]),
+            prop::sample::select(vec![6u8, 17, 0, 44]),
+            prop::collection::vec(any::<u8>(), 0..1600),
+            any::<u8>(),
+        )
+            .prop_map(|(et, proto, mut body, vihl)| {
+                let mut f = eth(BROADCAST, A, 14);
+                f[12..14].copy_from_slice(&et.to_be_bytes());
+                if body.len() > 40 {
+                    body[0] = if et == 0x86dd {
+                        0x60
+                    } else {
+                        0x40 | (vihl & 0x0f)
+                    };
+                    body[if et == 0x86dd { 6 } else { 9 }] = proto;
+                }
+                f.extend_from_slice(&body);
+                f
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        /// Whatever a guest sends, the switch neither panics nor loses count, and a consumer that
+        /// segments and completes checksums gets only frames it can parse.
+        #[test]
+        fn hostile_frames_and_metadata(frames in prop::collection::vec((frame(), meta()), 1..8)) {
+            let sw = Switch::default();
+            let mut a = sw.add_port(PortConfig::nic("a", A)).unwrap();
+            let mut b = sw.add_port(PortConfig::nic("b", B).with_vlan(VlanMode::trunk(1..=4094))).unwrap();
+            let mut up = sw.add_port(PortConfig::uplink("up")).unwrap();
+            let mut accepted = 0;
+            for (f, m) in &frames {
+                let r = a.send(f, m);
+                if r.ingress_drop.is_none() {
+                    accepted += 1;
+                }
+            }
+            let st = a.stats();
+            prop_assert_eq!(st.tx_packets, accepted);
+            prop_assert_eq!(st.tx_packets + st.total_drops(), frames.len() as u64);
+            up.poll_recv_with(usize::MAX, true, true, &mut |f, m| {
+                assert!(f.len() >= 14);
+                assert!(m.gso.is_none());
+            });
+            let _ = NetBackend::poll_recv(&mut b, usize::MAX, &mut |f, _| assert!(f.len() >= 14));
+        }
+    }
+}
