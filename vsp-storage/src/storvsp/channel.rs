@@ -266,6 +266,7 @@ impl Channel {
                 PacketType::InBand | PacketType::GpaDirect => {}
                 other => {
                     tracing::debug!(relid = self.relid, ?other, "storvsp: dropping packet type");
+                    self.dev.stats.dropped.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
             }
@@ -274,6 +275,7 @@ impl Channel {
                     relid = self.relid,
                     "storvsp: request without completion dropped"
                 );
+                self.dev.stats.dropped.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
             self.handle(info.trans_id, &bytes[..take], plen, ranges);
@@ -304,6 +306,7 @@ impl Channel {
             Ok(p) => p,
             Err(e) => {
                 tracing::debug!(relid = self.relid, error = %e, "storvsp: bad vstor packet");
+                self.dev.stats.bad_packets.fetch_add(1, Ordering::Relaxed);
                 let s = match e {
                     VstorError::TooShort { .. } => status::INVALID_PARAMETER,
                     _ => status::INVALID_DEVICE_REQUEST,
@@ -333,6 +336,7 @@ impl Channel {
     }
 
     fn done(&mut self, trans_id: u64, srb: &VmscsiRequest, r: SrbResult, len: usize) {
+        self.dev.stats.inline.fetch_add(1, Ordering::Relaxed);
         self.out
             .push_back(Out::Completion(r.completion(trans_id, srb, len)));
     }
@@ -428,6 +432,7 @@ impl Channel {
         });
         if spawned {
             self.in_flight += 1;
+            self.dev.stats.worker_io.fetch_add(1, Ordering::Relaxed);
         } else {
             let r =
                 SrbResult::from_outcome(&Outcome::CheckCondition(Sense::INTERNAL_TARGET_FAILURE));
@@ -511,6 +516,7 @@ impl Channel {
                     },
                 );
                 self.in_flight += 1;
+                self.dev.stats.async_io.fetch_add(1, Ordering::Relaxed);
             }
             Err(e) => {
                 let o = Outcome::CheckCondition(block_error_sense(&e, write));
@@ -593,7 +599,8 @@ impl Channel {
                 Outcome::CheckCondition(Sense::INTERNAL_TARGET_FAILURE)
             }
         };
-        self.done(p.trans_id, &p.srb, SrbResult::from_outcome(&o), p.len);
+        let c = SrbResult::from_outcome(&o).completion(p.trans_id, &p.srb, p.len);
+        self.out.push_back(Out::Completion(c));
     }
 
     /// Writes queued packets while the ring has room. `true` if any was written.

@@ -29,6 +29,7 @@ use protocol::SharedProtocol;
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsFd;
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex, RwLock};
 use vmbus_core::device::{
     ChannelControl, DeviceDescription, DeviceError, OpenChannelInfo, VmbusDevice,
@@ -154,8 +155,24 @@ impl ChannelBinder for GuestRamBinder {
     }
 }
 
+/// Counters of how requests were handled (all channels).
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// SRBs run on an asynchronous (io_uring) queue.
+    pub async_io: AtomicU64,
+    /// SRBs run on the worker pool.
+    pub worker_io: AtomicU64,
+    /// SRBs completed without reaching the disk (refused, emulated inline, no such LUN).
+    pub inline: AtomicU64,
+    /// Guest packets that could not be parsed or were not allowed (answered with an error).
+    pub bad_packets: AtomicU64,
+    /// Guest packets dropped unanswered (no completion requested, wrong packet type).
+    pub dropped: AtomicU64,
+}
+
 /// State shared by the device and its channel threads.
 pub(crate) struct DeviceShared {
+    pub(crate) stats: Stats,
     pub(crate) config: StorVspConfig,
     pub(crate) protocol: SharedProtocol,
     luns: RwLock<BTreeMap<LunAddr, Arc<Lun>>>,
@@ -224,6 +241,7 @@ impl StorVsp {
         Ok(StorVsp {
             shared: Arc::new(DeviceShared {
                 config,
+                stats: Stats::default(),
                 protocol: SharedProtocol::default(),
                 luns: RwLock::new(BTreeMap::new()),
                 pool,
@@ -234,6 +252,11 @@ impl StorVsp {
             binder,
             restored: false,
         })
+    }
+
+    /// How requests were handled so far.
+    pub fn stats(&self) -> &Stats {
+        &self.shared.stats
     }
 
     /// The negotiated vstor version, once the guest picked one.
