@@ -2,13 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, Subcommand};
 use kvm_host::serial::SerialSink;
-use kvm_host::testguest::{self, EchoHandler, Transcript};
+use kvm_host::testguest::{self, Transcript};
 use kvm_host::{ExitReason, Partition, PartitionConfig, RunReport};
 
 #[derive(Parser, Debug)]
@@ -144,7 +143,7 @@ fn run(a: RunArgs) -> Result<ExitCode> {
         p.load_linux(&a.kernel, &a.cmdline)?;
     } else {
         p.load_test_guest(&a.kernel, a.arg)?;
-        p.synic().set_handler(Arc::new(EchoHandler));
+        testguest::install_echo(p.synic())?;
         if a.arg == testguest::MODE_PHASE1 {
             testguest::queue_welcome(p.synic())?;
         }
@@ -177,7 +176,7 @@ fn demo(a: DemoArgs) -> Result<ExitCode> {
         testguest::MODE_PHASE1
     };
     let img = p.load_test_guest(&guest, mode)?;
-    p.synic().set_handler(Arc::new(EchoHandler));
+    testguest::install_echo(p.synic())?;
     if mode == testguest::MODE_PHASE1 {
         testguest::queue_welcome(p.synic())?;
     }

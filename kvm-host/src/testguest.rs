@@ -5,15 +5,14 @@
 //! `done`, and writes its status to [`crate::EXIT_PORT`] (0 = every step passed). RCX selects the
 //! scenario ([`MODE_PHASE1`], [`MODE_HOSTILE`], [`MODE_TRIPLE_FAULT`]).
 //!
-//! The host side for the phase-1 scenario is [`EchoHandler`] (a [`SynicHandler`] serving two test
-//! connection ids) plus [`queue_welcome`] (two SynIC messages queued before the guest enables its
+//! The host side for the phase-1 scenario is [`install_echo`] (an [`EchoHandler`] on two registered
+//! test ports) plus [`queue_welcome`] (two SynIC messages queued before the guest enables its
 //! SynIC, so the second one exercises the pending flag / EOM path).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use crate::hyperv::HvStatus;
-use crate::synic::{Synic, SynicError, SynicHandler};
+use crate::synic::{HostPort, PortKind, PortStatus, Sint, Synic, SynicError, SynicHandler};
 
 /// Scenario: CPUID, guest OS id, hypercall page, SynIC messages/events, APs, emulator quirks.
 pub const MODE_PHASE1: u64 = 0;
@@ -28,8 +27,6 @@ pub const ECHO_MESSAGE_CONNECTION: u32 = 0x7E57;
 pub const ECHO_EVENT_CONNECTION: u32 = 0x7E58;
 /// The event flag the echo service sets.
 pub const ECHO_EVENT_FLAG: u32 = 5;
-/// SINT the test guest uses (VMBus's).
-pub const TEST_SINT: u8 = 2;
 /// The two messages [`queue_welcome`] sends.
 pub const WELCOME: [&[u8]; 2] = [b"welcome 1 from the host", b"welcome 2 from the host"];
 
@@ -73,8 +70,9 @@ pub const HOSTILE_STEPS: &[&str] = &[
     "stray-io",
 ];
 
-/// Serves [`ECHO_MESSAGE_CONNECTION`] and [`ECHO_EVENT_CONNECTION`]; everything else is an unknown
-/// connection id.
+/// The test guest's host side: echoes every message posted to a registered message port back to
+/// the poster's SINT 2, and answers every signal on a registered event port by setting
+/// [`ECHO_EVENT_FLAG`] in the signaller's SINT 2. [`install_echo`] registers its two ports.
 #[derive(Debug, Default)]
 pub struct EchoHandler;
 
@@ -83,19 +81,16 @@ impl SynicHandler for EchoHandler {
         &self,
         synic: &Synic,
         vp: u32,
-        connection_id: u32,
+        _connection_id: u32,
         message_type: u32,
         payload: &[u8],
-    ) -> Result<(), HvStatus> {
-        if connection_id != ECHO_MESSAGE_CONNECTION {
-            return Err(HvStatus::InvalidConnectionId);
-        }
-        match synic.post_to_guest(vp, TEST_SINT, message_type, payload) {
+    ) -> Result<(), PortStatus> {
+        match synic.send_message(vp, Sint::VMBUS, message_type, payload) {
             Ok(_) => Ok(()),
-            Err(SynicError::QueueFull { .. }) => Err(HvStatus::InsufficientBuffers),
+            Err(SynicError::QueueFull { .. }) => Err(PortStatus::InsufficientBuffers),
             Err(e) => {
                 tracing::debug!("echo: {e}");
-                Err(HvStatus::InvalidSynicState)
+                Err(PortStatus::InvalidSynicState)
             }
         }
     }
@@ -104,23 +99,28 @@ impl SynicHandler for EchoHandler {
         &self,
         synic: &Synic,
         vp: u32,
-        connection_id: u32,
+        _connection_id: u32,
         _flag: u16,
-    ) -> Result<(), HvStatus> {
-        if connection_id != ECHO_EVENT_CONNECTION {
-            return Err(HvStatus::InvalidConnectionId);
-        }
+    ) -> Result<(), PortStatus> {
         synic
-            .signal_guest(vp, TEST_SINT, ECHO_EVENT_FLAG)
+            .signal_guest(vp, Sint::VMBUS, ECHO_EVENT_FLAG)
             .map(|_| ())
-            .map_err(|_| HvStatus::InvalidSynicState)
+            .map_err(|_| PortStatus::InvalidSynicState)
     }
+}
+
+/// Registers [`ECHO_MESSAGE_CONNECTION`] / [`ECHO_EVENT_CONNECTION`] and installs [`EchoHandler`].
+pub fn install_echo(synic: &Synic) -> Result<(), SynicError> {
+    synic.register_port(ECHO_MESSAGE_CONNECTION, PortKind::Message)?;
+    synic.register_port(ECHO_EVENT_CONNECTION, PortKind::Event)?;
+    synic.set_handler(std::sync::Arc::new(EchoHandler));
+    Ok(())
 }
 
 /// Queues the two [`WELCOME`] messages for VP 0, SINT 2 (before the guest runs).
 pub fn queue_welcome(synic: &Synic) -> Result<(), SynicError> {
     for m in WELCOME {
-        synic.post_to_guest(0, TEST_SINT, 1, m)?;
+        synic.post_to_guest(0, Sint::VMBUS, m)?;
     }
     Ok(())
 }

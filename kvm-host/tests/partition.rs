@@ -3,12 +3,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use kvm_host::hyperv::msr;
 use kvm_host::serial::SerialSink;
-use kvm_host::testguest::{self, EchoHandler, Transcript};
+use kvm_host::testguest::{self, Transcript};
 use kvm_host::{ExitReason, Partition, PartitionConfig, RunReport};
 
 /// One partition at a time: the machine has 2 cores and KVM emulates every guest instruction.
@@ -59,7 +59,7 @@ fn boot(
     })
     .unwrap();
     p.load_test_guest(&guest(), mode).unwrap();
-    p.synic().set_handler(Arc::new(EchoHandler));
+    testguest::install_echo(p.synic()).unwrap();
     if welcome {
         testguest::queue_welcome(p.synic()).unwrap();
     }
@@ -199,7 +199,7 @@ fn hostile_guest_is_refused_and_the_host_stays_alive() {
     // The refused writes left no trace in the host's state.
     let hv = hv.unwrap();
     assert_eq!(hv.read_msr(0, msr::SINT0), Ok(0x1_0000));
-    assert_eq!(hv.synic().queued(0, 2), 0);
+    assert_eq!(hv.synic().queued(0, kvm_host::synic::Sint::VMBUS), 0);
     assert_eq!(
         hv.read_msr(1, msr::SIMP),
         Ok(0),

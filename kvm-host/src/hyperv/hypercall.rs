@@ -130,11 +130,9 @@ impl HvPartition {
         let payload = input
             .get(0x10..0x10usize.saturating_add(size as usize))
             .ok_or(HvStatus::InvalidParameter)?;
-        let synic = self.synic();
-        match synic.handler() {
-            Some(h) => h.post_message(synic, vp, connection_id, message_type, payload),
-            None => Err(HvStatus::InvalidConnectionId),
-        }
+        Ok(self
+            .synic()
+            .guest_post(vp, connection_id, message_type, payload)?)
     }
 
     fn signal_event(&self, vp: u32, c: Control, input: u64) -> Result<(), HvStatus> {
@@ -150,13 +148,9 @@ impl HvPartition {
         }
         let connection_id = (value & 0x00FF_FFFF) as u32;
         let flag = ((value >> 32) & 0xFFFF) as u16;
-        if u32::from(flag) >= crate::synic::page::FLAGS_PER_SINT {
+        if u32::from(flag) >= vmbus_core::synic::EVENT_FLAGS_PER_SINT {
             return Err(HvStatus::InvalidParameter);
         }
-        let synic = self.synic();
-        match synic.handler() {
-            Some(h) => h.signal_event(synic, vp, connection_id, flag),
-            None => Err(HvStatus::InvalidConnectionId),
-        }
+        Ok(self.synic().guest_signal(vp, connection_id, flag)?)
     }
 }

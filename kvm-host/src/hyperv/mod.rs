@@ -76,6 +76,20 @@ impl HvStatus {
     }
 }
 
+/// The statuses a SynIC port (vmbus-core) returns are a subset of the hypercall statuses.
+impl From<crate::synic::PortStatus> for HvStatus {
+    fn from(s: crate::synic::PortStatus) -> HvStatus {
+        use crate::synic::PortStatus as P;
+        match s {
+            P::InvalidParameter => HvStatus::InvalidParameter,
+            P::InsufficientMemory => HvStatus::InsufficientMemory,
+            P::InvalidConnectionId => HvStatus::InvalidConnectionId,
+            P::InsufficientBuffers => HvStatus::InsufficientBuffers,
+            P::InvalidSynicState => HvStatus::InvalidSynicState,
+        }
+    }
+}
+
 /// Why an MSR access gets #GP.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum MsrError {

@@ -2,10 +2,11 @@
 
 use super::hypercall::{HVCALL_POST_MESSAGE, HVCALL_SIGNAL_EVENT, HypercallInput};
 use super::*;
-use crate::synic::{InterruptSink, page};
+use crate::synic::{HostInbox, HostPort, InterruptSink, PortKind, Sint};
 use crate::testguest::{
-    ECHO_EVENT_CONNECTION, ECHO_EVENT_FLAG, ECHO_MESSAGE_CONNECTION, EchoHandler,
+    ECHO_EVENT_CONNECTION, ECHO_EVENT_FLAG, ECHO_MESSAGE_CONNECTION, install_echo,
 };
+use vmbus_core::synic::EventFlags;
 
 struct NoIrq;
 impl InterruptSink for NoIrq {
@@ -137,7 +138,7 @@ fn hypercalls_without_a_handler_see_unknown_connections() {
 #[test]
 fn malformed_hypercalls_get_the_documented_statuses() {
     let hv = partition(1, 8);
-    hv.synic().set_handler(Arc::new(EchoHandler));
+    install_echo(hv.synic()).unwrap();
     let post = u64::from(HVCALL_POST_MESSAGE);
     post_input(&hv, INPUT, ECHO_MESSAGE_CONNECTION, 1, 16, &[7; 16]);
     assert_eq!(call(&hv, post, INPUT), 0, "valid post");
@@ -212,17 +213,16 @@ fn malformed_hypercalls_get_the_documented_statuses() {
         .unwrap();
     assert_eq!(call(&hv, signal, INPUT), 0, "slow signal");
     assert_eq!(call(&hv, signal, INPUT + 2), 0x4, "slow signal misaligned");
-    assert!(page::clear_flag(
-        hv.ram().page_words(SIEFP).unwrap(),
-        2,
-        ECHO_EVENT_FLAG
-    ));
+    assert!(
+        EventFlags::new(hv.ram().page_words(SIEFP).unwrap())
+            .test_and_clear(Sint::VMBUS, ECHO_EVENT_FLAG)
+    );
 }
 
 #[test]
 fn a_guest_that_never_consumes_gets_insufficient_buffers() {
     let hv = partition(1, 4);
-    hv.synic().set_handler(Arc::new(EchoHandler));
+    install_echo(hv.synic()).unwrap();
     hv.write_msr(0, msr::SIMP, SIMP | 1).unwrap();
     hv.write_msr(0, msr::SINT0 + 2, 0x50).unwrap();
     hv.write_msr(0, msr::SCONTROL, 1).unwrap();
@@ -232,4 +232,62 @@ fn a_guest_that_never_consumes_gets_insufficient_buffers() {
         .collect();
     // One in the slot, four queued, then the queue is full.
     assert_eq!(results, vec![0, 0, 0, 0, 0, 0x13, 0x13, 0x13]);
+}
+
+#[test]
+fn registered_ports_without_a_handler_feed_the_host_inbox() {
+    let hv = partition(2, 8);
+    let synic = hv.synic();
+    synic.register_port(1, PortKind::Message).unwrap();
+    synic.register_port(0x2001, PortKind::Event).unwrap();
+    assert!(
+        synic.register_port(1, PortKind::Event).is_err(),
+        "duplicate"
+    );
+    assert!(
+        synic.register_port(0x100_0000, PortKind::Event).is_err(),
+        "wider than 24 bits"
+    );
+    let post = u64::from(HVCALL_POST_MESSAGE);
+    let fast = u64::from(HVCALL_SIGNAL_EVENT) | hypercall::CONTROL_FAST;
+    post_input(&hv, INPUT, 1, 1, 12, b"hello vmbus!");
+    assert_eq!(
+        hv.hypercall(
+            1,
+            HypercallInput {
+                control: post,
+                input: INPUT,
+                output: 0
+            }
+        ),
+        0
+    );
+    // The kinds must match: an event port is not a message port and vice versa.
+    post_input(&hv, INPUT + 0x100, 0x2001, 1, 8, &[0; 8]);
+    assert_eq!(call(&hv, post, INPUT + 0x100), 0x12);
+    assert_eq!(call(&hv, fast, 1), 0x12);
+    assert_eq!(call(&hv, fast, 0x2001), 0);
+    assert_eq!(call(&hv, fast, 0x2001), 0, "coalesces");
+    assert!(
+        synic
+            .wait(Some(std::time::Duration::from_millis(10)))
+            .unwrap()
+    );
+    let m = synic.recv_message().unwrap().unwrap();
+    assert_eq!((m.connection_id, &*m.payload), (1, &b"hello vmbus!"[..]));
+    assert!(synic.recv_message().unwrap().is_none());
+    let mut ev = Vec::new();
+    assert_eq!(synic.take_events(&mut |c| ev.push(c)).unwrap(), 1);
+    assert_eq!(ev, vec![0x2001]);
+    assert!(
+        !synic
+            .wait(Some(std::time::Duration::from_millis(10)))
+            .unwrap()
+    );
+    // Bounded: the 65th unread post is refused with INSUFFICIENT_BUFFERS.
+    let statuses: Vec<u64> = (0..65).map(|_| call(&hv, post, INPUT)).collect();
+    assert!(statuses[..64].iter().all(|s| *s == 0));
+    assert_eq!(statuses[64], 0x13);
+    assert!(synic.unregister_port(1));
+    assert_eq!(call(&hv, post, INPUT), 0x12);
 }

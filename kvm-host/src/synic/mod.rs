@@ -1,26 +1,39 @@
 //! The synthetic interrupt controller, in userspace (vmbus-protocol.md §6.1–6.4).
 //!
 //! Per VP: SCONTROL, SIMP, SIEFP, SINT0–15 and a bounded FIFO of host→guest messages per SINT.
-//! Messages go into the guest's message page slot with the pending / EOM protocol; event flags are
-//! set in the guest's event-flag page; the SINT vector is raised on the VP's local APIC through an
-//! [`InterruptSink`] (KVM_SIGNAL_MSI in a partition).
+//! Messages go into the guest's message page slot with the pending / EOM protocol, events into its
+//! event-flag page — both through vmbus-core's page code ([`SlotWriter`], [`EventFlags`]) over the
+//! guest RAM page itself ([`GuestRam::page_words`]). The SINT vector is raised on the VP's local
+//! APIC through an [`InterruptSink`] (KVM_SIGNAL_MSI in a partition).
 //!
-//! Guest→host traffic (`HvPostMessage`, `HvSignalEvent`) is validated by the hypercall layer and
-//! handed to a [`SynicHandler`]: the hook the VMBus host server plugs into. With no handler every
-//! connection id is unknown (`HV_STATUS_INVALID_CONNECTION_ID`).
+//! The host side speaks vmbus-core's SynIC port traits, so the VMBus server drives a KVM partition
+//! exactly as it drives the in-process and cross-process ports:
+//! - [`HostPort`]: `post_to_guest`, `signal_guest`, `register_port`, `unregister_port`;
+//! - [`HostInbox`]: what the guest posted / signalled on registered ports (`recv_message`,
+//!   `take_events`, `wait`) — used when no [`SynicHandler`] is installed;
+//! - [`SynicHandler`]: alternatively, a synchronous hook called on the vCPU thread of the hypercall.
 //!
-//! Everything here may be called from any thread: vCPU threads (MSR writes, hypercalls) and the
-//! VMBus server's threads (`post_to_guest`, `signal_guest`). Each VP's state sits behind its own
-//! lock, and the page protocol itself is safe against the running guest.
+//! Guest→host traffic is validated by the hypercall layer first (control word, GPA, sizes); here
+//! it is checked against the registered ports (unknown ⇒ `HV_STATUS_INVALID_CONNECTION_ID`).
+//! Everything may be called from any thread; each VP's state sits behind its own lock.
 
-pub mod page;
+mod inbox;
 
-use std::collections::VecDeque;
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::AtomicU32;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
-use crate::hyperv::{HvStatus, MsrError, msr};
+use vmbus_core::synic::{
+    CONNECTION_ID_MASK, EventFlags, HVMSG_CHANNEL_MESSAGE, HvMessage, SlotWriter,
+};
+pub use vmbus_core::synic::{
+    Delivery, HostInbox, HostPort, HvStatus as PortStatus, PortKind, PostedMessage, Sint,
+    SynicError,
+};
+
+use crate::hyperv::{MsrError, msr};
 use crate::memory::{GuestRam, PAGE_SIZE};
-use page::{Offer, SlotMessage};
+use inbox::Inbox;
 
 /// Synthetic interrupt sources per VP.
 pub const SINT_COUNT: usize = 16;
@@ -35,21 +48,22 @@ const SINT_VALID_BITS: u64 = 0xFF | SINT_MASKED | SINT_AUTO_EOI | SINT_POLLING;
 pub const SYNIC_VERSION: u64 = 1;
 /// Default bound of each (VP, SINT) host→guest queue.
 pub const DEFAULT_QUEUE_DEPTH: usize = 64;
+/// Default bound of the guest→host inbox.
+pub const DEFAULT_INBOX_DEPTH: usize = 64;
 
 /// Raises a fixed, edge-triggered interrupt `vector` on VP `vp`'s local APIC.
 pub trait InterruptSink: Send + Sync {
     fn raise(&self, vp: u32, vector: u8);
 }
 
-/// Where guest→host SynIC traffic goes: the hook the VMBus host server plugs into.
+/// A synchronous hook for guest→host SynIC traffic on registered ports (instead of the inbox).
 ///
-/// Called on the vCPU thread of the VP that made the hypercall, after the hypercall layer checked
-/// the control word, the input GPA and the payload size. The handler may call back into `synic`
-/// (e.g. [`Synic::post_to_guest`] for a reply) — no SynIC lock is held during the call.
+/// Called on the vCPU thread of the VP that made the hypercall, after the hypercall was validated
+/// and the connection id found registered with the right [`PortKind`]. No SynIC lock is held: the
+/// handler may call back into `synic` (e.g. [`HostPort::post_to_guest`] for a reply).
 pub trait SynicHandler: Send + Sync {
-    /// `HvPostMessage` from VP `vp` to `connection_id` (bits 23:0). Return
-    /// `Err(HvStatus::InvalidConnectionId)` for a connection id that is not a message port and
-    /// `Err(HvStatus::InsufficientBuffers)` when the host cannot take more (the guest retries).
+    /// `HvPostMessage` from VP `vp` to message port `connection_id`. Return
+    /// `Err(PortStatus::InsufficientBuffers)` when the host cannot take more (the guest retries).
     fn post_message(
         &self,
         synic: &Synic,
@@ -57,46 +71,16 @@ pub trait SynicHandler: Send + Sync {
         connection_id: u32,
         message_type: u32,
         payload: &[u8],
-    ) -> Result<(), HvStatus>;
+    ) -> Result<(), PortStatus>;
 
-    /// `HvSignalEvent` from VP `vp` on `connection_id` with flag number `flag`. Return
-    /// `Err(HvStatus::InvalidConnectionId)` for a connection id that is not an event port.
+    /// `HvSignalEvent` from VP `vp` on event port `connection_id` with flag number `flag`.
     fn signal_event(
         &self,
         synic: &Synic,
         vp: u32,
         connection_id: u32,
         flag: u16,
-    ) -> Result<(), HvStatus>;
-}
-
-/// Host-side errors of SynIC delivery.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum SynicError {
-    #[error("VP {vp} does not exist (partition has {vps})")]
-    InvalidVp { vp: u32, vps: u32 },
-    #[error("SINT {0} does not exist")]
-    InvalidSint(u8),
-    #[error("message payload of {0} bytes exceeds the 240-byte SynIC payload")]
-    PayloadTooLarge(usize),
-    #[error("message type 0 (HVMSG_NONE) cannot be delivered")]
-    NoneMessageType,
-    #[error("queue for VP {vp} SINT {sint} is full ({depth} messages): the guest is not consuming")]
-    QueueFull { vp: u32, sint: u8, depth: usize },
-    #[error("event flag {0} is outside the 2048 flags of a SINT")]
-    InvalidFlag(u32),
-    #[error("VP {vp} has SynIC events disabled (SCONTROL or SIEFP)")]
-    EventsDisabled { vp: u32 },
-}
-
-/// What happened to a host→guest message.
-#[derive(Copy, Clone, Debug, PartialEq, Eq)]
-pub enum Delivery {
-    /// In the guest's slot now; the SINT interrupt was raised (unless polling).
-    Delivered,
-    /// Queued behind earlier messages, a busy slot, or a SynIC that is not enabled yet; delivered
-    /// on a later EOM or SynIC MSR write.
-    Queued,
+    ) -> Result<(), PortStatus>;
 }
 
 #[derive(Debug)]
@@ -105,7 +89,7 @@ struct VpSynic {
     simp: u64,
     siefp: u64,
     sint: [u64; SINT_COUNT],
-    queues: [VecDeque<SlotMessage>; SINT_COUNT],
+    queues: [VecDeque<HvMessage>; SINT_COUNT],
 }
 
 impl VpSynic {
@@ -119,24 +103,24 @@ impl VpSynic {
         }
     }
 
-    fn sint_reg(&self, sint: u8) -> u64 {
-        self.sint
-            .get(usize::from(sint))
-            .copied()
-            .unwrap_or(SINT_MASKED)
+    fn sint_reg(&self, sint: Sint) -> u64 {
+        self.sint.get(sint.index()).copied().unwrap_or(SINT_MASKED)
     }
 
-    fn messages_deliverable(&self, sint: u8) -> bool {
+    /// §6.2: SCONTROL enabled, SIMP enabled, SINT unmasked.
+    fn messages_deliverable(&self, sint: Sint) -> bool {
         self.scontrol & 1 != 0 && self.simp & 1 != 0 && self.sint_reg(sint) & SINT_MASKED == 0
     }
 }
 
-/// The partition's SynIC: one state block per VP.
+/// The partition's SynIC: one state block per VP, the registered host ports, the guest→host inbox.
 pub struct Synic {
     ram: Arc<GuestRam>,
     irq: Arc<dyn InterruptSink>,
     vps: Vec<Mutex<VpSynic>>,
+    ports: RwLock<HashMap<u32, PortKind>>,
     handler: RwLock<Option<Arc<dyn SynicHandler>>>,
+    inbox: Inbox,
     queue_depth: usize,
 }
 
@@ -149,8 +133,13 @@ impl std::fmt::Debug for Synic {
     }
 }
 
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Synic {
-    /// A SynIC for `vp_count` VPs over `ram`, raising interrupts through `irq`.
+    /// A SynIC for `vp_count` VPs over `ram`, raising interrupts through `irq`; each (VP, SINT)
+    /// queue holds up to `queue_depth` messages behind its slot.
     pub fn new(
         ram: Arc<GuestRam>,
         vp_count: u32,
@@ -161,7 +150,9 @@ impl Synic {
             ram,
             irq,
             vps: (0..vp_count).map(|_| Mutex::new(VpSynic::new())).collect(),
+            ports: RwLock::new(HashMap::new()),
             handler: RwLock::new(None),
+            inbox: Inbox::new(DEFAULT_INBOX_DEPTH),
             queue_depth: queue_depth.max(1),
         }
     }
@@ -171,22 +162,29 @@ impl Synic {
         self.vps.len() as u32
     }
 
-    /// Installs the guest→host handler (replacing any earlier one).
+    /// Installs a synchronous handler for guest→host traffic (replacing the inbox).
     pub fn set_handler(&self, handler: Arc<dyn SynicHandler>) {
-        if let Ok(mut h) = self.handler.write() {
-            *h = Some(handler);
-        }
+        *self.handler.write().unwrap_or_else(PoisonError::into_inner) = Some(handler);
     }
 
-    /// Removes the handler: every connection id becomes unknown again.
+    /// Removes the handler: guest→host traffic goes to the inbox again.
     pub fn clear_handler(&self) {
-        if let Ok(mut h) = self.handler.write() {
-            *h = None;
-        }
+        *self.handler.write().unwrap_or_else(PoisonError::into_inner) = None;
     }
 
-    pub(crate) fn handler(&self) -> Option<Arc<dyn SynicHandler>> {
-        self.handler.read().ok().and_then(|h| h.clone())
+    fn handler(&self) -> Option<Arc<dyn SynicHandler>> {
+        self.handler
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn port(&self, connection_id: u32) -> Option<PortKind> {
+        self.ports
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(&(connection_id & CONNECTION_ID_MASK))
+            .copied()
     }
 
     fn vp(&self, vp: u32) -> Result<MutexGuard<'_, VpSynic>, SynicError> {
@@ -194,104 +192,71 @@ impl Synic {
             vp,
             vps: self.vp_count(),
         })?;
-        // A poisoned lock only means another thread panicked mid-update; the state is plain data.
-        Ok(m.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+        Ok(lock(m))
     }
 
-    /// Sends a message of `message_type` (VMBus channel messages: 1) to SINT `sint` of VP `vp`.
-    /// Messages to one (VP, SINT) arrive in order.
-    pub fn post_to_guest(
+    fn page(&self, reg: u64) -> Option<&[AtomicU32; 1024]> {
+        self.ram.page_words(reg & !0xFFF).ok()
+    }
+
+    /// Sends a message of `message_type` (VMBus channel messages: 1) to SINT `sint` of VP `vp`:
+    /// into the slot if it is free and nothing waits before it, else behind the queued ones.
+    /// Messages to one (VP, SINT) arrive in order; a SynIC the guest has not enabled yet (or a
+    /// masked SINT) keeps them queued until it is.
+    pub fn send_message(
         &self,
         vp: u32,
-        sint: u8,
+        sint: Sint,
         message_type: u32,
         payload: &[u8],
     ) -> Result<Delivery, SynicError> {
-        if usize::from(sint) >= SINT_COUNT {
-            return Err(SynicError::InvalidSint(sint));
-        }
-        if payload.len() > page::MAX_PAYLOAD {
-            return Err(SynicError::PayloadTooLarge(payload.len()));
-        }
-        if message_type == page::HVMSG_NONE {
+        if message_type == 0 {
             return Err(SynicError::NoneMessageType);
         }
+        let msg = HvMessage::new(message_type, payload)
+            .ok_or(SynicError::PayloadTooLarge(payload.len()))?;
         let mut st = self.vp(vp)?;
-        let msg = SlotMessage {
-            message_type,
-            sender: 0,
-            payload: payload.to_vec(),
-        };
-        let queue_len = st.queues.get(usize::from(sint)).map_or(0, VecDeque::len);
-        if queue_len == 0 && st.messages_deliverable(sint) {
-            if let Ok(words) = self.ram.page_words(st.simp & !0xFFF)
-                && page::offer(words, sint, &msg, false) == Offer::Delivered
-            {
+        let queued = st.queues.get(sint.index()).map_or(0, VecDeque::len);
+        if queued == 0
+            && st.messages_deliverable(sint)
+            && let Some(words) = self.page(st.simp)
+        {
+            if SlotWriter::new(words).deliver(sint, &msg, false)? == Delivery::Delivered {
                 self.raise(vp, st.sint_reg(sint));
                 return Ok(Delivery::Delivered);
             }
-        } else if queue_len >= self.queue_depth {
+        } else if queued >= self.queue_depth {
             return Err(SynicError::QueueFull {
                 vp,
-                sint,
+                sint: sint.get(),
                 depth: self.queue_depth,
             });
         }
-        if let Some(q) = st.queues.get_mut(usize::from(sint)) {
+        if let Some(q) = st.queues.get_mut(sint.index()) {
             q.push_back(msg);
         }
         // A slot freed without EOM (or a queue built while the SynIC was off) moves now.
         self.pump(vp, &mut st);
-        let still_queued = st
-            .queues
-            .get(usize::from(sint))
-            .is_some_and(|q| !q.is_empty());
-        Ok(if still_queued {
-            Delivery::Queued
+        let still = st.queues.get(sint.index()).is_some_and(|q| !q.is_empty());
+        Ok(if still {
+            Delivery::SlotBusy
         } else {
             Delivery::Delivered
         })
     }
 
-    /// Sets event flag `flag` of SINT `sint` in VP `vp`'s event-flag page, raising the SINT
-    /// interrupt only if the flag was clear. `Ok(true)` = it was clear.
-    pub fn signal_guest(&self, vp: u32, sint: u8, flag: u32) -> Result<bool, SynicError> {
-        if usize::from(sint) >= SINT_COUNT {
-            return Err(SynicError::InvalidSint(sint));
-        }
-        if flag >= page::FLAGS_PER_SINT {
-            return Err(SynicError::InvalidFlag(flag));
-        }
-        let st = self.vp(vp)?;
-        if st.scontrol & 1 == 0 || st.siefp & 1 == 0 {
-            return Err(SynicError::EventsDisabled { vp });
-        }
-        let words = self
-            .ram
-            .page_words(st.siefp & !0xFFF)
-            .map_err(|_| SynicError::EventsDisabled { vp })?;
-        let was_clear = page::set_flag(words, sint, flag).ok_or(SynicError::InvalidFlag(flag))?;
-        let reg = st.sint_reg(sint);
-        if was_clear && reg & SINT_MASKED == 0 {
-            self.raise(vp, reg);
-        }
-        Ok(was_clear)
-    }
-
     /// Messages waiting in the host queue of (VP, SINT).
-    pub fn queued(&self, vp: u32, sint: u8) -> usize {
+    pub fn queued(&self, vp: u32, sint: Sint) -> usize {
         self.vp(vp)
             .ok()
-            .and_then(|st| st.queues.get(usize::from(sint)).map(VecDeque::len))
+            .and_then(|st| st.queues.get(sint.index()).map(VecDeque::len))
             .unwrap_or(0)
     }
 
     /// Drops every queued message of every VP (partition reset / VMBus unload).
     pub fn clear_queues(&self) {
-        for vp in 0..self.vp_count() {
-            if let Ok(mut st) = self.vp(vp) {
-                st.queues.iter_mut().for_each(VecDeque::clear);
-            }
+        for m in &self.vps {
+            lock(m).queues.iter_mut().for_each(VecDeque::clear);
         }
     }
 
@@ -301,26 +266,75 @@ impl Synic {
         }
     }
 
-    /// Offers the head of every deliverable queue of `vp` to its slot (§6.3 step 3).
+    /// Offers queued messages of every deliverable SINT of `vp` to its slot (§6.3 step 3).
     fn pump(&self, vp: u32, st: &mut VpSynic) {
-        let Ok(words) = self.ram.page_words(st.simp & !0xFFF) else {
+        let Some(words) = self.page(st.simp) else {
             return;
         };
-        for sint in 0..SINT_COUNT as u8 {
+        let slots = SlotWriter::new(words);
+        for sint in Sint::all() {
             if !st.messages_deliverable(sint) {
                 continue;
             }
             let reg = st.sint_reg(sint);
-            let Some(q) = st.queues.get_mut(usize::from(sint)) else {
+            let Some(q) = st.queues.get_mut(sint.index()) else {
                 continue;
             };
-            let more = q.len() > 1;
-            let Some(head) = q.front() else {
-                continue;
-            };
-            if page::offer(words, sint, head, more) == Offer::Delivered {
-                q.pop_front();
+            let mut delivered = false;
+            while let Some(head) = q.front() {
+                match slots.deliver(sint, head, q.len() > 1) {
+                    Ok(Delivery::Delivered) => {
+                        q.pop_front();
+                        delivered = true;
+                    }
+                    Ok(Delivery::SlotBusy) => break,
+                    Err(e) => {
+                        // Unreachable: HvMessage::new validated it.
+                        tracing::error!(vp, error = %e, "dropping undeliverable SynIC message");
+                        q.pop_front();
+                    }
+                }
+            }
+            if delivered {
                 self.raise(vp, reg);
+            }
+        }
+    }
+
+    /// A validated `HvPostMessage` from the hypercall layer.
+    pub(crate) fn guest_post(
+        &self,
+        vp: u32,
+        connection_id: u32,
+        message_type: u32,
+        payload: &[u8],
+    ) -> Result<(), PortStatus> {
+        let connection_id = connection_id & CONNECTION_ID_MASK;
+        if self.port(connection_id) != Some(PortKind::Message) {
+            return Err(PortStatus::InvalidConnectionId);
+        }
+        match self.handler() {
+            Some(h) => h.post_message(self, vp, connection_id, message_type, payload),
+            None => self.inbox.post(connection_id, payload),
+        }
+    }
+
+    /// A validated `HvSignalEvent` from the hypercall layer.
+    pub(crate) fn guest_signal(
+        &self,
+        vp: u32,
+        connection_id: u32,
+        flag: u16,
+    ) -> Result<(), PortStatus> {
+        let connection_id = connection_id & CONNECTION_ID_MASK;
+        if self.port(connection_id) != Some(PortKind::Event) {
+            return Err(PortStatus::InvalidConnectionId);
+        }
+        match self.handler() {
+            Some(h) => h.signal_event(self, vp, connection_id, flag),
+            None => {
+                self.inbox.signal(connection_id);
+                Ok(())
             }
         }
     }
@@ -334,7 +348,11 @@ impl Synic {
             msr::SIEFP => st.siefp,
             msr::SIMP => st.simp,
             msr::EOM => 0,
-            msr::SINT0..=msr::SINT15 => st.sint_reg((index - msr::SINT0) as u8),
+            msr::SINT0..=msr::SINT15 => st
+                .sint
+                .get((index - msr::SINT0) as usize)
+                .copied()
+                .unwrap_or(0),
             _ => return Err(MsrError::Unknown(index)),
         })
     }
@@ -393,6 +411,52 @@ impl Synic {
         // EOM and every change of the delivery preconditions re-offer queued messages.
         self.pump(vp, &mut st);
         Ok(())
+    }
+}
+
+impl HostPort for Synic {
+    fn post_to_guest(&self, vp: u32, sint: Sint, payload: &[u8]) -> Result<Delivery, SynicError> {
+        self.send_message(vp, sint, HVMSG_CHANNEL_MESSAGE, payload)
+    }
+
+    /// Sets `flag` in SINT `sint`'s area of VP `vp`'s event-flag page, raising the SINT interrupt
+    /// only if the flag was clear and the SINT is unmasked. A VP without an enabled SIEFP (or
+    /// SCONTROL) cannot receive events: `GuestFault` (the signal is lost, as on Hyper-V).
+    fn signal_guest(&self, vp: u32, sint: Sint, flag: u32) -> Result<bool, SynicError> {
+        let st = self.vp(vp)?;
+        let words = (st.scontrol & 1 != 0 && st.siefp & 1 != 0)
+            .then(|| self.page(st.siefp))
+            .flatten()
+            .ok_or_else(|| SynicError::GuestFault {
+                what: "SIEFP",
+                detail: format!("VP {vp} has no enabled event-flag page"),
+            })?;
+        let was_clear = EventFlags::new(words).set(sint, flag)?;
+        let reg = st.sint_reg(sint);
+        if was_clear && reg & SINT_MASKED == 0 {
+            self.raise(vp, reg);
+        }
+        Ok(was_clear)
+    }
+
+    fn register_port(&self, connection_id: u32, kind: PortKind) -> Result<(), SynicError> {
+        if connection_id == 0 || connection_id > CONNECTION_ID_MASK {
+            return Err(SynicError::InvalidConnectionId(connection_id));
+        }
+        let mut ports = self.ports.write().unwrap_or_else(PoisonError::into_inner);
+        if ports.contains_key(&connection_id) {
+            return Err(SynicError::PortExists(connection_id));
+        }
+        ports.insert(connection_id, kind);
+        Ok(())
+    }
+
+    fn unregister_port(&self, connection_id: u32) -> bool {
+        self.ports
+            .write()
+            .unwrap_or_else(PoisonError::into_inner)
+            .remove(&(connection_id & CONNECTION_ID_MASK))
+            .is_some()
     }
 }
 

@@ -2,7 +2,11 @@
 
 use std::sync::Mutex;
 
+use vmbus_core::synic::SlotReader;
+
 use super::*;
+
+const S2: Sint = Sint::VMBUS;
 
 /// Records raised interrupts instead of signalling KVM.
 #[derive(Default)]
@@ -37,42 +41,47 @@ fn enable(s: &Synic, vp: u32, vector: u64) {
     s.write_msr(vp, msr::SCONTROL, 1).unwrap();
 }
 
+/// The guest's side of a slot (vmbus-core's reader, as Linux does it): copy, free, EOM if flagged.
 fn guest_take(ram: &GuestRam, s: &Synic, vp: u32) -> Option<Vec<u8>> {
-    let (m, eom) = page::take(ram.page_words(SIMP).unwrap(), 2)?;
-    if eom {
+    let taken = SlotReader::new(ram.page_words(SIMP).unwrap()).take(S2)?;
+    if taken.eom_needed {
         s.write_msr(vp, msr::EOM, 0).unwrap();
     }
-    Some(m.payload)
+    Some(taken.message.unwrap().payload.to_vec())
+}
+
+fn flags(ram: &GuestRam) -> EventFlags<&[AtomicU32; 1024]> {
+    EventFlags::new(ram.page_words(SIEFP).unwrap())
 }
 
 #[test]
 fn messages_wait_for_the_synic_then_flow_through_pending_and_eom() {
     let (ram, rec, s) = synic(1, 8);
     assert_eq!(
-        s.post_to_guest(0, 2, 1, b"first message").unwrap(),
-        Delivery::Queued
+        s.post_to_guest(0, S2, b"first message").unwrap(),
+        Delivery::SlotBusy
     );
     assert_eq!(
-        s.post_to_guest(0, 2, 1, b"second message").unwrap(),
-        Delivery::Queued
+        s.post_to_guest(0, S2, b"second message").unwrap(),
+        Delivery::SlotBusy
     );
-    assert_eq!(s.queued(0, 2), 2);
+    assert_eq!(s.queued(0, S2), 2);
     // Nothing is written before the guest enables SIMP + SINT2 + SCONTROL.
     s.write_msr(0, msr::SIMP, SIMP | 1).unwrap();
     s.write_msr(0, msr::SINT0 + 2, 0x50).unwrap();
     assert!(rec.take().is_empty());
     s.write_msr(0, msr::SCONTROL, 1).unwrap();
     assert_eq!(rec.take(), vec![(0, 0x50)]);
-    assert_eq!(s.queued(0, 2), 1);
+    assert_eq!(s.queued(0, S2), 1);
     // The first carries the pending flag, so taking it writes EOM, which delivers the second.
     assert_eq!(guest_take(&ram, &s, 0).unwrap(), b"first message");
     assert_eq!(rec.take(), vec![(0, 0x50)]);
     assert_eq!(guest_take(&ram, &s, 0).unwrap(), b"second message");
     assert!(guest_take(&ram, &s, 0).is_none());
-    assert_eq!(s.queued(0, 2), 0);
+    assert_eq!(s.queued(0, S2), 0);
     // A free slot takes a new message at once.
     assert_eq!(
-        s.post_to_guest(0, 2, 1, b"third").unwrap(),
+        s.post_to_guest(0, S2, b"third").unwrap(),
         Delivery::Delivered
     );
     assert_eq!(rec.take(), vec![(0, 0x50)]);
@@ -82,72 +91,74 @@ fn messages_wait_for_the_synic_then_flow_through_pending_and_eom() {
 fn busy_slot_queues_and_queue_is_bounded() {
     let (ram, _rec, s) = synic(2, 3);
     enable(&s, 1, 0x60);
-    assert_eq!(s.post_to_guest(1, 2, 1, b"a").unwrap(), Delivery::Delivered);
+    assert_eq!(s.post_to_guest(1, S2, b"a").unwrap(), Delivery::Delivered);
     for _ in 0..3 {
-        assert_eq!(s.post_to_guest(1, 2, 1, b"b").unwrap(), Delivery::Queued);
+        assert_eq!(s.post_to_guest(1, S2, b"b").unwrap(), Delivery::SlotBusy);
     }
-    assert_eq!(
-        s.post_to_guest(1, 2, 1, b"c"),
+    assert!(matches!(
+        s.post_to_guest(1, S2, b"c"),
         Err(SynicError::QueueFull {
             vp: 1,
             sint: 2,
             depth: 3
         })
-    );
+    ));
     let mut got = 0;
     while guest_take(&ram, &s, 1).is_some() {
         got += 1;
     }
     assert_eq!(got, 4);
     // VP 0 was never enabled: its messages queue.
-    assert_eq!(s.post_to_guest(0, 2, 1, b"x").unwrap(), Delivery::Queued);
+    assert_eq!(s.post_to_guest(0, S2, b"x").unwrap(), Delivery::SlotBusy);
 }
 
 #[test]
 fn bad_targets_and_payloads_are_refused() {
     let (_ram, _rec, s) = synic(1, 8);
     assert!(matches!(
-        s.post_to_guest(1, 2, 1, b"x"),
+        s.post_to_guest(1, S2, b"x"),
         Err(SynicError::InvalidVp { vp: 1, vps: 1 })
     ));
-    assert_eq!(
-        s.post_to_guest(0, 16, 1, b"x"),
-        Err(SynicError::InvalidSint(16))
-    );
-    assert_eq!(
-        s.post_to_guest(0, 2, 0, b"x"),
+    assert!(matches!(
+        s.send_message(0, S2, 0, b"x"),
         Err(SynicError::NoneMessageType)
-    );
-    assert_eq!(
-        s.post_to_guest(0, 2, 1, &[0; 241]),
+    ));
+    assert!(matches!(
+        s.post_to_guest(0, S2, &[0; 241]),
         Err(SynicError::PayloadTooLarge(241))
-    );
-    assert_eq!(
-        s.signal_guest(0, 2, 2048),
+    ));
+    assert!(matches!(
+        s.signal_guest(0, S2, 5),
+        Err(SynicError::GuestFault { what: "SIEFP", .. })
+    ));
+    enable(&s, 0, 0x50);
+    assert!(matches!(
+        s.signal_guest(0, S2, 2048),
         Err(SynicError::InvalidFlag(2048))
-    );
-    assert_eq!(
-        s.signal_guest(0, 2, 5),
-        Err(SynicError::EventsDisabled { vp: 0 })
-    );
+    ));
 }
 
 #[test]
 fn events_set_bits_and_interrupt_only_on_a_clear_to_set_edge() {
     let (ram, rec, s) = synic(1, 8);
     enable(&s, 0, 0x50);
-    assert_eq!(s.signal_guest(0, 2, 7), Ok(true));
-    assert_eq!(s.signal_guest(0, 2, 7), Ok(false));
+    assert!(s.signal_guest(0, S2, 7).unwrap());
+    assert!(!s.signal_guest(0, S2, 7).unwrap());
     assert_eq!(rec.take(), vec![(0, 0x50)]);
-    let words = ram.page_words(SIEFP).unwrap();
-    assert!(page::clear_flag(words, 2, 7));
+    assert!(flags(&ram).test_and_clear(S2, 7));
     // Masked SINT: flag set, no interrupt. Polling: likewise.
     s.write_msr(0, msr::SINT0 + 2, SINT_MASKED | 0x50).unwrap();
-    assert_eq!(s.signal_guest(0, 2, 8), Ok(true));
+    assert!(s.signal_guest(0, S2, 8).unwrap());
     s.write_msr(0, msr::SINT0 + 2, SINT_POLLING | 0x50).unwrap();
-    assert_eq!(s.signal_guest(0, 2, 9), Ok(true));
+    assert!(s.signal_guest(0, S2, 9).unwrap());
     assert!(rec.take().is_empty());
-    assert!(page::clear_flag(words, 2, 8) && page::clear_flag(words, 2, 9));
+    let f = flags(&ram);
+    assert!(f.test_and_clear(S2, 8) && f.test_and_clear(S2, 9));
+    // Flag 9 of SINT 2 is byte 0x201 bit 1 of the guest page.
+    assert!(s.signal_guest(0, S2, 9).unwrap());
+    let mut b = [0u8; 2];
+    ram.read(SIEFP + 0x200, &mut b).unwrap();
+    assert_eq!(b, [0, 0b10]);
 }
 
 #[test]
@@ -216,7 +227,7 @@ fn concurrent_host_posts_and_guest_eoms_lose_nothing_and_keep_order() {
         std::thread::spawn(move || {
             for i in 0..N {
                 loop {
-                    match s.post_to_guest(0, 2, 1, &i.to_le_bytes().repeat(2)) {
+                    match s.post_to_guest(0, S2, &i.to_le_bytes().repeat(2)) {
                         Ok(_) => break,
                         Err(SynicError::QueueFull { .. }) => std::thread::yield_now(),
                         Err(e) => panic!("{e}"),
@@ -238,6 +249,6 @@ fn concurrent_host_posts_and_guest_eoms_lose_nothing_and_keep_order() {
         }
     }
     host.join().unwrap();
-    assert_eq!(s.queued(0, 2), 0);
+    assert_eq!(s.queued(0, S2), 0);
     assert!(!rec.take().is_empty());
 }
