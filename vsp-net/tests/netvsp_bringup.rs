@@ -14,7 +14,9 @@ use vsp_net::netvsp::NetvspConfig;
 use zerocopy::{FromBytes, IntoBytes};
 
 fn words(b: &[u8]) -> Vec<u32> {
-    b.chunks_exact(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect()
+    b.chunks_exact(4)
+        .map(|c| u32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 fn init(v: u32) -> NvspMessage {
@@ -98,14 +100,20 @@ fn linux_61_bring_up_byte_exact() {
         id: 0xCAFE,
     }));
     let count = 16_777_216 / 1806;
-    assert_eq!(words(&r), [102, 1, 1, 0, 1806, count, 1806 * count, 0, 0, 0]);
+    assert_eq!(
+        words(&r),
+        [102, 1, 1, 0, 1806, count, 1806 * count, 0, 0, 0]
+    );
     // Linux's checks: one section at offset 0, sub-allocation >= 68, size × count <= buffer.
     assert!(1806 * count <= 16_777_216);
     g.recv_buf = Some((pfn, 4096 * 4096));
 
     // 5. Send buffer: 1 044 480 bytes (255 pages), id 0 → section size 6144.
     let (h, spfn) = g.gpadl(255);
-    let r = g.nvsp_reply(NvspMessage::SendSendBuffer(nvsp::SendBuffer { gpadl_handle: h, id: 0 }));
+    let r = g.nvsp_reply(NvspMessage::SendSendBuffer(nvsp::SendBuffer {
+        gpadl_handle: h,
+        id: 0,
+    }));
     assert_eq!(words(&r), [105, 1, 6144, 0, 0, 0, 0, 0, 0, 0]);
     g.send_buf = Some((spfn, 255 * 4096, 6144));
 
@@ -122,23 +130,32 @@ fn linux_61_bring_up_byte_exact() {
     assert_eq!(words(&raw[..24]), [0x8000_0004, 28, g.next_req, 0, 4, 16]);
 
     let (st, data, _) = g.query(oid::_802_3_PERMANENT_ADDRESS, &[]);
-    assert_eq!((st, data), (0, MAC.to_vec()), "exactly 6 bytes (Linux refuses more)");
+    assert_eq!(
+        (st, data),
+        (0, MAC.to_vec()),
+        "exactly 6 bytes (Linux refuses more)"
+    );
 
     let (st, data, raw) = g.query(oid::GEN_FRIENDLY_NAME, &[]);
     assert_eq!((st, data.len(), raw.len()), (status::NOT_SUPPORTED, 0, 24));
 
     // Hardware offload capabilities: Linux sends an ndis_offload header rev 3 / size 156.
-    let mut probe = Offload::default();
-    probe.header = ObjectHeader {
-        ty: 0xA7,
-        revision: 3,
-        size: 156,
+    let probe = Offload {
+        header: ObjectHeader {
+            ty: 0xA7,
+            revision: 3,
+            size: 156,
+        },
+        ..Offload::default()
     };
     let (st, data, _) = g.query(oid::TCP_OFFLOAD_HARDWARE_CAPABILITIES, probe.as_bytes());
     assert_eq!(st, 0);
     assert_eq!(data.len(), 156);
     let caps = Offload::read_from_bytes(&data).unwrap();
-    assert_eq!((caps.header.ty, caps.header.revision, { caps.header.size }), (0xA7, 3, 156));
+    assert_eq!(
+        (caps.header.ty, caps.header.revision, { caps.header.size }),
+        (0xA7, 3, 156)
+    );
     // What Linux derives from it (rndis_netdev_set_hwcaps).
     let (c, l) = (caps.csum, caps.lsov2);
     assert_eq!({ c.ip4_tx_csum } & 0x14, 0x14, "IPv4 TCP checksum");
@@ -148,7 +165,11 @@ fn linux_61_bring_up_byte_exact() {
     assert_ne!({ l.ip6_encap } & 2, 0);
     assert_eq!({ l.ip6_options } & 5, 5, "TSO6");
     assert_eq!(({ l.ip4_max_size }, { l.ip6_max_size }), (62780, 62780));
-    assert_eq!((caps.rsc.ip4, caps.rsc.ip6), (0, 0), "no LRO: receive frames are not coalesced");
+    assert_eq!(
+        (caps.rsc.ip4, caps.rsc.ip6),
+        (0, 0),
+        "no LRO: receive frames are not coalesced"
+    );
 
     // SET TCP_OFFLOAD_PARAMETERS as Linux builds it.
     let params = OffloadParams {
@@ -186,8 +207,14 @@ fn linux_61_bring_up_byte_exact() {
     assert_eq!(st, 0);
     assert_eq!(data.len(), 18);
     let rc = RecvScaleCapabilities::read_from_bytes(&data).unwrap();
-    assert_eq!((rc.header.ty, rc.header.revision, { rc.header.size }), (0x88, 2, 18));
-    assert_eq!(({ rc.num_receive_queues }, { rc.num_indirection_entries }), (8, 128));
+    assert_eq!(
+        (rc.header.ty, rc.header.revision, { rc.header.size }),
+        (0x88, 2, 18)
+    );
+    assert_eq!(
+        ({ rc.num_receive_queues }, { rc.num_indirection_entries }),
+        (8, 128)
+    );
 
     // 8. Sub-channels: Linux asks for n − 1 = 3 (4 vCPUs) and waits for the offers.
     let r = g.nvsp_reply(NvspMessage::SubchannelRequest(nvsp::SubchannelRequest {
@@ -204,7 +231,10 @@ fn linux_61_bring_up_byte_exact() {
     let got = g.take();
     assert_eq!(got.len(), 1, "{got:?}");
     let t = &got[0];
-    assert_eq!((t.queue, t.ty, t.trans_id, t.completion_requested), (0, PacketType::InBand, 0, false));
+    assert_eq!(
+        (t.queue, t.ty, t.trans_id, t.completion_requested),
+        (0, PacketType::InBand, 0, false)
+    );
     assert_eq!(t.payload.len(), 80, "76 bytes padded to 8");
     let table = nvsp::indirection_table(&t.payload[..76], version::V61).unwrap();
     assert_eq!(table, std::array::from_fn(|i| (i % 4) as u32));
@@ -235,7 +265,10 @@ fn linux_61_bring_up_byte_exact() {
     }
 
     // ifup: packet filter 0x0D.
-    assert_eq!(g.set(oid::GEN_CURRENT_PACKET_FILTER, &0x0Du32.to_le_bytes()), 0);
+    assert_eq!(
+        g.set(oid::GEN_CURRENT_PACKET_FILTER, &0x0Du32.to_le_bytes()),
+        0
+    );
 
     // Frames now reach the guest, spread over the 4 queues by the Toeplitz hash.
     for port in 0..32u16 {
@@ -250,12 +283,18 @@ fn linux_61_bring_up_byte_exact() {
         per_queue[*q as usize] += 1;
         let hash = info.hash.expect("RSS hash PPI");
         assert_eq!(u32::from(*q), hash % 128 % 4, "queue = table[hash % 128]");
-        assert_eq!(vsp_net::netvsp::toeplitz_hash(&LINUX_RSS_KEY, &[&f[26..34], &f[34..38]].concat()), hash);
+        assert_eq!(
+            vsp_net::netvsp::toeplitz_hash(&LINUX_RSS_KEY, &[&f[26..34], &f[34..38]].concat()),
+            hash
+        );
     }
     assert!(per_queue.iter().all(|&n| n > 0), "{per_queue:?}");
 
     // Link changes follow the backend: MEDIA_DISCONNECT, then MEDIA_CONNECT.
-    for (up, st) in [(false, status::MEDIA_DISCONNECT), (true, status::MEDIA_CONNECT)] {
+    for (up, st) in [
+        (false, status::MEDIA_DISCONNECT),
+        (true, status::MEDIA_CONNECT),
+    ] {
         g.backend.set_link(up);
         g.pump();
         let got = g.take();
@@ -272,7 +311,11 @@ fn linux_61_bring_up_byte_exact() {
     assert_eq!(g.dev.stats().bad_packets, 0);
     g.pump();
     let (free, outstanding) = g.dev.receive_buffer_state().unwrap();
-    assert_eq!((free, outstanding), (count as usize, 0), "every section came back");
+    assert_eq!(
+        (free, outstanding),
+        (count as usize, 0),
+        "every section came back"
+    );
 }
 
 #[test]
@@ -281,7 +324,9 @@ fn keepalive_reset_unknown_oids_and_mac_change() {
     g.bring_up();
     let r = g.rndis(&rndis::keepalive_request(77)).unwrap();
     assert_eq!(words(&r), [0x8000_0008, 16, 77, 0]);
-    let r = g.rndis(&[6u32.to_le_bytes(), 12u32.to_le_bytes(), 0u32.to_le_bytes()].concat()).unwrap();
+    let r = g
+        .rndis(&[6u32.to_le_bytes(), 12u32.to_le_bytes(), 0u32.to_le_bytes()].concat())
+        .unwrap();
     assert_eq!(words(&r), [0x8000_0006, 16, 0, 0]);
     let (st, data, raw) = g.query(0x0102_0304, &[]);
     assert_eq!((st, data.len(), raw.len()), (status::NOT_SUPPORTED, 0, 24));
@@ -308,7 +353,10 @@ fn keepalive_reset_unknown_oids_and_mac_change() {
     let (_, perm, _) = g.query(oid::_802_3_PERMANENT_ADDRESS, &[]);
     assert_eq!(perm, MAC);
     // Frames to the new address pass the filter; to the old one they do not.
-    g.backend.inject(&tcp4_frame([2, 0, 0, 0xaa, 0xbb, 0xcc], 4), Default::default());
+    g.backend.inject(
+        &tcp4_frame([2, 0, 0, 0xaa, 0xbb, 0xcc], 4),
+        Default::default(),
+    );
     g.backend.inject(&tcp4_frame(MAC, 4), Default::default());
     assert_eq!(g.receive_frames().len(), 1);
     assert_eq!(g.dev.stats().rx_filtered, 1);
@@ -327,8 +375,15 @@ fn friendly_name_and_old_versions() {
     assert!(g.rndis(&rndis::initialize_request(id, 0x4000)).is_some());
     let (st, name, _) = g.query(oid::GEN_FRIENDLY_NAME, &[]);
     assert_eq!(st, 0);
-    let units: Vec<u16> = name.chunks_exact(2).map(|c| u16::from_le_bytes([c[0], c[1]])).collect();
-    assert_eq!(String::from_utf16(&units).unwrap(), "uplink0\0", "NUL-terminated for ucs2_as_utf8");
+    let units: Vec<u16> = name
+        .chunks_exact(2)
+        .map(|c| u16::from_le_bytes([c[0], c[1]]))
+        .collect();
+    assert_eq!(
+        String::from_utf16(&units).unwrap(),
+        "uplink0\0",
+        "NUL-terminated for ucs2_as_utf8"
+    );
     // NVSP 4: offload capabilities revision 2, 144 bytes.
     let (_, caps, _) = g.query(oid::TCP_OFFLOAD_HARDWARE_CAPABILITIES, &[]);
     assert_eq!(caps.len(), 144);

@@ -25,6 +25,7 @@ mod core;
 mod device;
 mod rss;
 mod rx;
+mod session;
 mod tx;
 
 pub use device::{ChannelRings, GpadlSource, Netvsp, NetvspResources, RingMapper};

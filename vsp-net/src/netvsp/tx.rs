@@ -162,30 +162,30 @@ impl<R: RingMem> Core<R> {
                 ipv6: l.is_ipv6(),
             });
         }
-        if let Some(c) = info.checksum.map(TxChecksumInfo) {
-            if c.tcp_checksum() || c.udp_checksum() || c.ip_header_checksum() {
-                let off = c.transport_offset();
-                if (c.tcp_checksum() || c.udp_checksum())
-                    && (usize::from(off) < ETH_HLEN || usize::from(off) >= frame.len())
-                {
-                    return Err(TxError::Offload(
-                        "checksum transport offset outside the frame",
-                    ));
-                }
-                if c.is_ipv4() == c.is_ipv6() {
-                    return Err(TxError::Offload(
-                        "checksum request is neither IPv4 nor IPv6",
-                    ));
-                }
-                meta.csum = Some(TxChecksum {
-                    ipv4: c.is_ipv4(),
-                    ipv6: c.is_ipv6(),
-                    tcp: c.tcp_checksum(),
-                    udp: c.udp_checksum(),
-                    ip_header: c.ip_header_checksum(),
-                    transport_offset: off,
-                });
+        if let Some(c) = info.checksum.map(TxChecksumInfo)
+            && (c.tcp_checksum() || c.udp_checksum() || c.ip_header_checksum())
+        {
+            let off = c.transport_offset();
+            if (c.tcp_checksum() || c.udp_checksum())
+                && (usize::from(off) < ETH_HLEN || usize::from(off) >= frame.len())
+            {
+                return Err(TxError::Offload(
+                    "checksum transport offset outside the frame",
+                ));
             }
+            if c.is_ipv4() == c.is_ipv6() {
+                return Err(TxError::Offload(
+                    "checksum request is neither IPv4 nor IPv6",
+                ));
+            }
+            meta.csum = Some(TxChecksum {
+                ipv4: c.is_ipv4(),
+                ipv6: c.is_ipv6(),
+                tcp: c.tcp_checksum(),
+                udp: c.udp_checksum(),
+                ip_header: c.ip_header_checksum(),
+                transport_offset: off,
+            });
         }
         let max = if meta.gso.is_some() {
             MAX_GSO_FRAME

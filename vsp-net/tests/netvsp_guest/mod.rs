@@ -5,6 +5,7 @@
 
 use ringbuf::layout::{GpaDirectHeader, GpaRangeHeader};
 use ringbuf::mmap::{MappedRing, ring_memfd};
+use ringbuf::signal::Doorbell;
 use ringbuf::{HeaderInfo, OutgoingPacket, PacketType, RingReader, RingWriter, init_control};
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -72,6 +73,8 @@ pub struct Guest {
     /// Send buffer: (first pfn, bytes, section size).
     pub send_buf: Option<(u64, u64, u32)>,
     pub version: u32,
+    /// Per relid: (kick: guest rings it, call: the device rings it).
+    pub bells: Arc<Mutex<HashMap<u32, (Doorbell, Doorbell)>>>,
 }
 
 impl Guest {
@@ -79,23 +82,35 @@ impl Guest {
         Self::with_ring_pages(cfg, backend, handle, 32)
     }
 
-    pub fn with_ring_pages(cfg: NetvspConfig, backend: MemoryBackend, handle: MemoryHandle, ring_pages: usize) -> Self {
+    pub fn with_ring_pages(
+        cfg: NetvspConfig,
+        backend: MemoryBackend,
+        handle: MemoryHandle,
+        ring_pages: usize,
+    ) -> Self {
         let ram = Arc::new(ring_memfd("guest-ram", RAM_PAGES * 4096).unwrap());
         let mem = Arc::new(MappedMemory::map(ram.as_fd(), (RAM_PAGES * 4096) as usize).unwrap());
         let gpadls: Arc<Mutex<HashMap<u32, Gpadl>>> = Arc::default();
         let offers = Offers::default();
         let (g2, r2) = (gpadls.clone(), ram.clone());
+        let bells: Arc<Mutex<HashMap<u32, (Doorbell, Doorbell)>>> = Arc::default();
+        let b2 = bells.clone();
         let res = NetvspResources {
             memory: mem.clone(),
             gpadls: Arc::new(move |h: u32| g2.lock().unwrap().get(&h).cloned()),
             map_rings: Box::new(move |info: &OpenChannelInfo| {
                 let (up, down) = info.ring_pages.split_at(info.downstream_offset as usize);
                 let at = |p: &[u64]| p.iter().map(|x| x * 4096).collect::<Vec<_>>();
+                let (kick, call) = (Doorbell::new().unwrap(), Doorbell::new().unwrap());
+                b2.lock().unwrap().insert(
+                    info.relid,
+                    (kick.try_clone().unwrap(), call.try_clone().unwrap()),
+                );
                 Ok(ChannelRings {
                     inbound: MappedRing::map_pages(r2.as_fd(), &at(up)).unwrap(),
                     outbound: MappedRing::map_pages(r2.as_fd(), &at(down)).unwrap(),
-                    kick: None,
-                    call: None,
+                    kick: Some(kick),
+                    call: Some(call),
                 })
             }),
             subchannels: Box::new(offers.clone()),
@@ -118,6 +133,7 @@ impl Guest {
             recv_buf: None,
             send_buf: None,
             version: 0,
+            bells,
         }
     }
 
@@ -205,17 +221,38 @@ impl Guest {
     pub fn send_inband(&mut self, q: u16, trans_id: u64, payload: &[u8], completion: bool) {
         let parts: [&[u8]; 1] = [payload];
         let ch = self.chans.get_mut(&q).unwrap();
-        ch.tx.try_write(&OutgoingPacket::in_band(trans_id, completion, &parts)).unwrap();
+        ch.tx
+            .try_write(&OutgoingPacket::in_band(trans_id, completion, &parts))
+            .unwrap();
     }
 
+    /// Sends a completion; when the ring to the host is full, lets the device drain it first.
     pub fn send_completion(&mut self, q: u16, trans_id: u64, payload: &[u8]) {
         let parts: [&[u8]; 1] = [payload];
-        let ch = self.chans.get_mut(&q).unwrap();
-        ch.tx.try_write(&OutgoingPacket::completion(trans_id, &parts)).unwrap();
+        for _ in 0..100 {
+            let ch = self.chans.get_mut(&q).unwrap();
+            match ch
+                .tx
+                .try_write(&OutgoingPacket::completion(trans_id, &parts))
+            {
+                Ok(_) => return,
+                Err(ringbuf::WriteError::Full { .. }) => {
+                    self.dev.poll();
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("guest ring stays full");
     }
 
     /// A GPA-direct packet with ranges `(byte_offset, byte_count, pfns)`.
-    pub fn send_gpa(&mut self, q: u16, trans_id: u64, payload: &[u8], ranges: &[(u32, u32, Vec<u64>)]) {
+    pub fn send_gpa(
+        &mut self,
+        q: u16,
+        trans_id: u64,
+        payload: &[u8],
+        ranges: &[(u32, u32, Vec<u64>)],
+    ) {
         let mut headers = GpaDirectHeader {
             reserved: 0.into(),
             range_count: (ranges.len() as u32).into(),
@@ -310,7 +347,9 @@ impl Guest {
         let (pfn, size) = self.recv_buf.unwrap();
         assert!(u64::from(off) + u64::from(len) <= size);
         let mut v = vec![0u8; len as usize];
-        self.mem.read_at(pfn * 4096 + u64::from(off), &mut v).unwrap();
+        self.mem
+            .read_at(pfn * 4096 + u64::from(off), &mut v)
+            .unwrap();
         v
     }
 
@@ -337,13 +376,28 @@ impl Guest {
             send_buffer_section_size: 0,
         })
         .to_bytes(40);
-        self.send_gpa(0, t, &body, &[(off, msg.len() as u32, (pfn..pfn + n).collect())]);
+        self.send_gpa(
+            0,
+            t,
+            &body,
+            &[(off, msg.len() as u32, (pfn..pfn + n).collect())],
+        );
         self.pump();
         let got = self.take();
-        let comp = got.iter().find(|p| p.ty == PacketType::Completion).expect("SEND_RNDIS_PKT completion");
+        let comp = got
+            .iter()
+            .find(|p| p.ty == PacketType::Completion)
+            .expect("SEND_RNDIS_PKT completion");
         assert_eq!(comp.trans_id, t);
-        assert_eq!(&comp.payload[..8], &[108, 0, 0, 0, 1, 0, 0, 0], "SEND_RNDIS_PKT_COMPLETE success");
-        let xfer: Vec<&HostPacket> = got.iter().filter(|p| p.ty == PacketType::TransferPages).collect();
+        assert_eq!(
+            &comp.payload[..8],
+            &[108, 0, 0, 0, 1, 0, 0, 0],
+            "SEND_RNDIS_PKT_COMPLETE success"
+        );
+        let xfer: Vec<&HostPacket> = got
+            .iter()
+            .filter(|p| p.ty == PacketType::TransferPages)
+            .collect();
         let p = match xfer.as_slice() {
             [] => return None,
             [p] => (*p).clone(),
@@ -352,6 +406,8 @@ impl Guest {
         self.check_control_packet(&p);
         let bytes = self.read_range(p.ranges[0].0, p.ranges[0].1);
         self.complete_rx(&p);
+        // Let the device see the completion (its sections are free again afterwards).
+        self.dev.poll();
         Some(bytes)
     }
 
@@ -369,7 +425,10 @@ impl Guest {
                 send_buffer_section_size: 0,
             })
         );
-        assert_eq!(p.payload.len(), nvsp::message_size(self.version).next_multiple_of(8));
+        assert_eq!(
+            p.payload.len(),
+            nvsp::message_size(self.version).next_multiple_of(8)
+        );
     }
 
     pub fn query(&mut self, oid: u32, input: &[u8]) -> (u32, Vec<u8>, Vec<u8>) {
@@ -377,7 +436,9 @@ impl Guest {
         let reply = self.rndis(&rndis::query_request(id, oid, input)).unwrap();
         let (m, len) = rndis::parse(&reply).unwrap();
         assert_eq!(len, reply.len());
-        let RndisMessage::QueryComplete(q) = m else { panic!("{m:?}") };
+        let RndisMessage::QueryComplete(q) = m else {
+            panic!("{m:?}")
+        };
         assert_eq!({ q.complete.req_id }, id);
         assert_eq!({ q.complete.info_buf_offset }, 16);
         ({ q.complete.status }, q.info.to_vec(), reply)
@@ -387,7 +448,9 @@ impl Guest {
         let id = self.req_id();
         let reply = self.rndis(&rndis::set_request(id, oid, input)).unwrap();
         assert_eq!(reply.len(), 16);
-        let (RndisMessage::SetComplete(c), _) = rndis::parse(&reply).unwrap() else { panic!() };
+        let (RndisMessage::SetComplete(c), _) = rndis::parse(&reply).unwrap() else {
+            panic!()
+        };
         assert_eq!({ c.req_id }, id);
         c.status
     }
@@ -399,24 +462,55 @@ impl Guest {
             min_protocol_version: version,
             max_protocol_version: version,
         }));
-        assert_eq!(u32::from_le_bytes(r[12..16].try_into().unwrap()), nvsp::status::SUCCESS);
+        assert_eq!(
+            u32::from_le_bytes(r[12..16].try_into().unwrap()),
+            nvsp::status::SUCCESS
+        );
         self.version = version;
         if version >= nvsp::version::V2 {
-            let caps = nvsp::capability::IEEE8021Q | nvsp::capability::SRIOV | nvsp::capability::TEAMING | nvsp::capability::RSC;
-            assert!(self
-                .nvsp(NvspMessage::SendNdisConfig(nvsp::SendNdisConfig { mtu: 1514, reserved: 0, capabilities: caps }), false)
-                .is_empty());
+            let caps = nvsp::capability::IEEE8021Q
+                | nvsp::capability::SRIOV
+                | nvsp::capability::TEAMING
+                | nvsp::capability::RSC;
+            assert!(
+                self.nvsp(
+                    NvspMessage::SendNdisConfig(nvsp::SendNdisConfig {
+                        mtu: 1514,
+                        reserved: 0,
+                        capabilities: caps
+                    }),
+                    false
+                )
+                .is_empty()
+            );
         }
-        let (major, minor) = if version <= nvsp::version::V4 { (6, 1) } else { (6, 30) };
-        assert!(self
-            .nvsp(NvspMessage::SendNdisVersion(nvsp::SendNdisVersion { ndis_major_version: major, ndis_minor_version: minor }), false)
-            .is_empty());
+        let (major, minor) = if version <= nvsp::version::V4 {
+            (6, 1)
+        } else {
+            (6, 30)
+        };
+        assert!(
+            self.nvsp(
+                NvspMessage::SendNdisVersion(nvsp::SendNdisVersion {
+                    ndis_major_version: major,
+                    ndis_minor_version: minor
+                }),
+                false
+            )
+            .is_empty()
+        );
         let (h, pfn) = self.gpadl(recv_pages);
-        let r = self.nvsp_reply(NvspMessage::SendReceiveBuffer(nvsp::SendBuffer { gpadl_handle: h, id: RX_BUF_ID }));
+        let r = self.nvsp_reply(NvspMessage::SendReceiveBuffer(nvsp::SendBuffer {
+            gpadl_handle: h,
+            id: RX_BUF_ID,
+        }));
         assert_eq!(&r[..8], &[102, 0, 0, 0, 1, 0, 0, 0], "{r:?}");
         self.recv_buf = Some((pfn, recv_pages * 4096));
         let (h, pfn) = self.gpadl(send_pages);
-        let r = self.nvsp_reply(NvspMessage::SendSendBuffer(nvsp::SendBuffer { gpadl_handle: h, id: 0 }));
+        let r = self.nvsp_reply(NvspMessage::SendSendBuffer(nvsp::SendBuffer {
+            gpadl_handle: h,
+            id: 0,
+        }));
         assert_eq!(&r[..8], &[105, 0, 0, 0, 1, 0, 0, 0]);
         let section = u32::from_le_bytes(r[8..12].try_into().unwrap());
         self.send_buf = Some((pfn, send_pages * 4096, section));
@@ -427,8 +521,17 @@ impl Guest {
         self.connect(nvsp::version::V61, 256, 255);
         let id = self.req_id();
         let r = self.rndis(&rndis::initialize_request(id, 0x4000)).unwrap();
-        assert_eq!(&r[8..16], &[id.to_le_bytes(), 0u32.to_le_bytes()].concat()[..]);
-        assert_eq!(self.set(rndis::oid::GEN_CURRENT_PACKET_FILTER, &0x0Du32.to_le_bytes()), 0);
+        assert_eq!(
+            &r[8..16],
+            &[id.to_le_bytes(), 0u32.to_le_bytes()].concat()[..]
+        );
+        assert_eq!(
+            self.set(
+                rndis::oid::GEN_CURRENT_PACKET_FILTER,
+                &0x0Du32.to_le_bytes()
+            ),
+            0
+        );
     }
 
     /// Collects data frames from receive packets on every queue, completing each packet.
@@ -439,11 +542,20 @@ impl Guest {
         for p in self.take() {
             assert_eq!(p.ty, PacketType::TransferPages, "{p:?}");
             assert_eq!(p.set_id, RX_BUF_ID);
-            assert_eq!(&p.payload[..8], &[107, 0, 0, 0, 0, 0, 0, 0], "data channel type");
+            assert_eq!(
+                &p.payload[..8],
+                &[107, 0, 0, 0, 0, 0, 0, 0],
+                "data channel type"
+            );
             for &(off, len) in &p.ranges {
                 let bytes = self.read_range(off, len);
-                let (RndisMessage::Packet(pk), l) = rndis::parse(&bytes).unwrap() else { panic!() };
-                assert_eq!(l, len as usize, "one message per range, msg_len = range length");
+                let (RndisMessage::Packet(pk), l) = rndis::parse(&bytes).unwrap() else {
+                    panic!()
+                };
+                assert_eq!(
+                    l, len as usize,
+                    "one message per range, msg_len = range length"
+                );
                 out.push((p.queue, pk.data.to_vec(), pk.info().unwrap()));
             }
             self.complete_rx(&p);
@@ -455,7 +567,9 @@ impl Guest {
     pub fn write_section(&self, index: u32, bytes: &[u8]) {
         let (pfn, _, size) = self.send_buf.unwrap();
         assert!(bytes.len() <= size as usize);
-        self.mem.write_at(pfn * 4096 + u64::from(index) * u64::from(size), bytes).unwrap();
+        self.mem
+            .write_at(pfn * 4096 + u64::from(index) * u64::from(size), bytes)
+            .unwrap();
     }
 
     /// SEND_RNDIS_PKT (data) from a send-buffer section; returns the completion status.
