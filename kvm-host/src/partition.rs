@@ -235,17 +235,19 @@ impl Partition {
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
         let mut vcpus = Vec::new();
         for id in 0..config.vcpus {
-            let vcpu = vm
-                .create_vcpu(u64::from(id))
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            vcpu.set_cpuid2(&cpuid::partition_cpuid(&supported, id, config.vcpus)?)
-                .map_err(kvm_err("KVM_SET_CPUID2"))?;
-            vcpus.push(vcpu);
+            vcpus.push(
+                vm.create_vcpu(u64::from(id))
+                    .map_err(kvm_err("KVM_CREATE_VCPU"))?,
+            );
         }
         let tsc_hz = vcpus
             .first()
             .and_then(|v| v.get_tsc_khz().ok())
             .map_or(0, |khz| u64::from(khz) * 1000);
+        for (id, vcpu) in vcpus.iter().enumerate() {
+            let table = cpuid::partition_cpuid(&supported, id as u32, config.vcpus, tsc_hz != 0)?;
+            vcpu.set_cpuid2(&table).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        }
 
         let synic = Arc::new(Synic::new(
             ram.clone(),

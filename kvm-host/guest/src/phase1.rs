@@ -60,10 +60,16 @@ pub fn run(vp_count: u64) {
 
     let t1 = rdmsr(hv::TIME_REF_COUNT);
     let t2 = rdmsr(hv::TIME_REF_COUNT);
+    let freq = f3[0] & (1 << 11) != 0;
+    let (tsc, apic) = if freq {
+        (rdmsr(hv::TSC_FREQUENCY), rdmsr(hv::APIC_FREQUENCY))
+    } else {
+        (0, 0)
+    };
     check(
         "time-ref-count",
-        t1 > 0 && t2 >= t1,
-        format_args!("{t1} -> {t2} (100 ns)"),
+        t1 > 0 && t2 >= t1 && (!freq || (tsc > 0 && apic == 1_000_000_000)),
+        format_args!("{t1} -> {t2} (100 ns), tsc {tsc} Hz, apic timer {apic} Hz"),
     );
 
     let on = hv::enable_hypercalls();

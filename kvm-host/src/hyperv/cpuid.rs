@@ -53,8 +53,15 @@ fn sig(s: &[u8; 4]) -> u32 {
     u32::from_le_bytes(*s)
 }
 
-/// The Hyper-V leaves 0x40000000..=0x40000005 for a partition of `vp_count` VPs.
-pub fn hyperv_leaves(vp_count: u32) -> Vec<kvm_cpuid_entry2> {
+/// The Hyper-V leaves 0x40000000..=0x40000005 for a partition of `vp_count` VPs. The frequency
+/// MSRs (EAX bit 11, EDX bit 8) are advertised only when the TSC frequency is known: Linux takes
+/// its TSC frequency from them and a 0 would leave it without a usable TSC.
+pub fn hyperv_leaves(vp_count: u32, tsc_known: bool) -> Vec<kvm_cpuid_entry2> {
+    let (eax, edx) = if tsc_known {
+        (HV_FEATURES_EAX, HV_FEATURES_EDX)
+    } else {
+        (HV_FEATURES_EAX & !(1 << 11), HV_FEATURES_EDX & !(1 << 8))
+    };
     vec![
         leaf(
             HV_MAX_LEAF - 5,
@@ -66,13 +73,7 @@ pub fn hyperv_leaves(vp_count: u32) -> Vec<kvm_cpuid_entry2> {
         leaf(0x4000_0001, sig(b"Hv#1"), 0, 0, 0),
         // Build number (cosmetic), version 10.0.
         leaf(0x4000_0002, 0, 10 << 16, 0, 0),
-        leaf(
-            0x4000_0003,
-            HV_FEATURES_EAX,
-            HV_FEATURES_EBX,
-            0,
-            HV_FEATURES_EDX,
-        ),
+        leaf(0x4000_0003, eax, HV_FEATURES_EBX, 0, edx),
         // Spin-wait notification: never.
         leaf(0x4000_0004, HV_RECOMMENDATIONS_EAX, 0xFFFF_FFFF, 0, 0),
         leaf(0x4000_0005, vp_count, vp_count, 0, 0),
@@ -80,10 +81,15 @@ pub fn hyperv_leaves(vp_count: u32) -> Vec<kvm_cpuid_entry2> {
 }
 
 /// Patches KVM's supported CPUID for VP `vp` of a `vp_count`-VP Hyper-V partition.
+///
+/// Note: on this project's PVM host, KVM still reports the host's own leaf 1 ECX/EDX and leaf 7
+/// feature bits to the guest whatever the table says (measured); only EAX/EBX of leaf 1 and the
+/// hypervisor leaves take effect. Linux guests therefore still need `clearcpuid=…` / `noxsave`.
 pub fn partition_entries(
     supported: &[kvm_cpuid_entry2],
     vp: u32,
     vp_count: u32,
+    tsc_known: bool,
 ) -> Vec<kvm_cpuid_entry2> {
     let mut out: Vec<kvm_cpuid_entry2> = supported
         .iter()
@@ -112,13 +118,18 @@ pub fn partition_entries(
             _ => {}
         }
     }
-    out.extend(hyperv_leaves(vp_count));
+    out.extend(hyperv_leaves(vp_count, tsc_known));
     out
 }
 
 /// [`partition_entries`] as a KVM CPUID table.
-pub fn partition_cpuid(supported: &CpuId, vp: u32, vp_count: u32) -> Result<CpuId, CpuidError> {
-    let entries = partition_entries(supported.as_slice(), vp, vp_count);
+pub fn partition_cpuid(
+    supported: &CpuId,
+    vp: u32,
+    vp_count: u32,
+    tsc_known: bool,
+) -> Result<CpuId, CpuidError> {
+    let entries = partition_entries(supported.as_slice(), vp, vp_count, tsc_known);
     CpuId::from_entries(&entries).map_err(|e| CpuidError::TooLarge(format!("{e:?}")))
 }
 
@@ -133,7 +144,10 @@ mod tests {
 
     #[test]
     fn hyperv_leaves_match_the_reference_values() {
-        let v = hyperv_leaves(4);
+        let v = hyperv_leaves(4, true);
+        let no_tsc = hyperv_leaves(4, false);
+        assert_eq!(find(&no_tsc, 0x4000_0003).eax, 0x0000_8064);
+        assert_eq!(find(&no_tsc, 0x4000_0003).edx, 0);
         let l0 = find(&v, 0x4000_0000);
         assert_eq!(l0.eax, 0x4000_0005);
         let mut s = Vec::new();
@@ -187,7 +201,7 @@ mod tests {
             leaf(0x4000_0001, 0xFFFF, 0, 0, 0),
             leaf(0x4000_0100, 0, sig(b"KVMK"), 0, 0),
         ];
-        let out = partition_entries(&supported, 3, 4);
+        let out = partition_entries(&supported, 3, 4, true);
         assert!(
             !out.iter().any(|e| e.ebx == sig(b"KVMK")),
             "KVM signature must be hidden"
