@@ -19,6 +19,12 @@ const MAX_GSO_FRAME: usize = 65535 + 14 + 4;
 /// Ethernet header length.
 const ETH_HLEN: usize = 14;
 
+/// One validated RNDIS message of a transmit, or an OID request to refuse.
+enum Item<'a> {
+    Msg(RndisMessage<'a>),
+    BadOid { ty: u32, req_id: u32 },
+}
+
 /// Why a guest transmit is refused (the whole SEND_RNDIS_PKT completes with FAIL).
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum TxError {
@@ -111,21 +117,51 @@ impl<R: RingMem> Core<R> {
     /// Validates every message first (a malformed one fails the whole packet before anything is
     /// sent), then handles them in order.
     fn process_rndis(&mut self, bytes: &[u8]) -> Result<(), TxError> {
-        let mut msgs = Vec::new();
+        let mut items = Vec::new();
         for m in Messages::new(bytes) {
-            let (msg, _) = rndis::parse(m?)?;
-            if let RndisMessage::Packet(p) = &msg {
-                p.info()?;
+            let m = m?;
+            match rndis::parse(m) {
+                Ok((msg, _)) => {
+                    if let RndisMessage::Packet(p) = &msg {
+                        p.info()?;
+                    }
+                    items.push(Item::Msg(msg));
+                }
+                // A QUERY / SET whose information buffer lies outside the message still has a
+                // request id: answer it with INVALID_DATA instead of leaving the guest waiting.
+                Err(e @ RndisError::OutOfBounds { .. }) => {
+                    let (ty, _) = rndis::peek(m)?;
+                    let req = m.get(rndis::HEADER_SIZE..).and_then(|b| b.get(..4));
+                    match (ty, req) {
+                        (rndis::msg_type::QUERY | rndis::msg_type::SET, Some(r)) => {
+                            let req_id = u32::from_le_bytes(r.try_into().unwrap_or([0; 4]));
+                            tracing::debug!(error = %e, req_id, "netvsp: OID request refused");
+                            self.stats.bad_packets += 1;
+                            items.push(Item::BadOid { ty, req_id });
+                        }
+                        _ => return Err(e.into()),
+                    }
+                }
+                Err(e) => return Err(e.into()),
             }
-            msgs.push(msg);
         }
-        if msgs.is_empty() {
+        if items.is_empty() {
             return Err(TxError::Empty);
         }
-        for msg in msgs {
-            match msg {
-                RndisMessage::Packet(p) => self.transmit(&p)?,
-                other => self.handle_control(other)?,
+        for item in items {
+            match item {
+                Item::Msg(RndisMessage::Packet(p)) => self.transmit(&p)?,
+                Item::Msg(other) => self.handle_control(other)?,
+                Item::BadOid { ty, req_id } => {
+                    let reply = if ty == rndis::msg_type::QUERY {
+                        rndis::query_complete(req_id, rndis::status::INVALID_DATA, &[])
+                    } else {
+                        rndis::set_complete(req_id, rndis::status::INVALID_DATA)
+                    };
+                    if !self.queue_control(reply) {
+                        return Err(TxError::ControlQueueFull);
+                    }
+                }
             }
         }
         Ok(())
