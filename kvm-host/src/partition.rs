@@ -67,6 +67,12 @@ pub fn kvm_available() -> Result<(), PartitionError> {
 }
 
 fn check_caps(kvm: &Kvm) -> Result<(), PartitionError> {
+    let api = kvm.get_api_version();
+    if api != 12 {
+        return Err(PartitionError::NoKvm(format!(
+            "/dev/kvm does not answer like KVM (API version {api}, expected 12)"
+        )));
+    }
     for (cap, name) in [
         (Cap::Irqchip, "IRQCHIP"),
         (Cap::Pit2, "PIT2"),
