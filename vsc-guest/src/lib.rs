@@ -1,2 +1,13 @@
-//! Guest-side VMBus drivers (VSCs): storvsc, netvsc and integration-component clients as a no_std + alloc library (not yet built).
-#![cfg_attr(not(test), no_std)]
+//! Guest-side VMBus drivers (VSCs), `no_std` + `alloc` at the core so the same code runs in a
+//! bare-metal guest, in a host process and in the kvm-host test guest.
+//!
+//! - [`storvsc`]: the storage VSC (vstor protocol, SCSI probe, block I/O), sans-IO.
+//! - `harness` (feature `std`): runs storvsc in a host process against a storage VSP over shared
+//!   rings, with the VSP in-process (threads) or in a child process (`vmbus_core::oop`).
+#![cfg_attr(not(feature = "std"), no_std)]
+
+extern crate alloc;
+
+pub mod netvsc;
+#[cfg(feature = "std")]
+pub mod net_harness;
