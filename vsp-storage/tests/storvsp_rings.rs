@@ -298,7 +298,7 @@ impl BlockDevice for SlowDisk {
         let now = self.active.fetch_add(1, Ordering::SeqCst) + 1;
         self.peak.fetch_max(now, Ordering::SeqCst);
         // Every 16th block (by LBA) is slow.
-        if (offset / 4096) % 16 == 0 {
+        if (offset / 4096).is_multiple_of(16) {
             std::thread::sleep(Duration::from_millis(30));
         }
         let r = self.inner.read_at(offset, buf);

@@ -152,7 +152,8 @@ impl AsyncQueue for RawQueue {
                 }
                 check_range(offset, data.len() as u64, self.size, self.sector)?;
                 let len = data.len();
-                let (buf, start) = if self.direct && !(data.as_ptr() as usize).is_multiple_of(4096) {
+                let (buf, start) = if self.direct && !(data.as_ptr() as usize).is_multiple_of(4096)
+                {
                     let (mut v, at) = aligned_vec(len);
                     v[at..at + len].copy_from_slice(&data);
                     (v, at)

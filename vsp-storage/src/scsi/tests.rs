@@ -444,8 +444,15 @@ fn unmap_and_write_same() {
     );
     // WRITE SAME(10) over blocks 20..22.
     let ws10 = [0x41, 0, 0, 0, 0, 20, 0, 0, 2, 0];
-    assert_eq!(good(&d.execute(&ws10, &mut MemBuffer::data_out(vec![0x77; 512]))), 512);
-    assert!(mem.contents()[20 * 512..22 * 512].iter().all(|&b| b == 0x77));
+    assert_eq!(
+        good(&d.execute(&ws10, &mut MemBuffer::data_out(vec![0x77; 512]))),
+        512
+    );
+    assert!(
+        mem.contents()[20 * 512..22 * 512]
+            .iter()
+            .all(|&b| b == 0x77)
+    );
     assert!(mem.contents()[22 * 512..23 * 512].iter().all(|&b| b == 0));
     ws[10..14].copy_from_slice(&0u32.to_be_bytes());
     assert_eq!(

@@ -461,10 +461,10 @@ impl Channel {
             lun: lun.clone(),
             queue: disk.open_queue(depth, kick.as_fd()).ok(),
         });
-        if !entry
+        if entry
             .queue
             .as_ref()
-            .is_some_and(|q| q.in_flight() < q.depth())
+            .is_none_or(|q| q.in_flight() >= q.depth())
         {
             return Err((plan, buffer));
         }

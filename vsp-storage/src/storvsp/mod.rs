@@ -39,7 +39,7 @@ use vmbus_core::memory::GuestMemory;
 use vmbus_core::wire::{Guid, class};
 
 pub use channel::ChannelRings;
-pub use io::{DataRange, GuestBuffer};
+pub use io::{DataRange, GuestBuffer, SrbResult};
 pub use protocol::ProtocolConfig;
 
 /// SCSI address of a LUN on the controller.

@@ -290,8 +290,10 @@ impl GuestChannel {
 
 /// GPA-direct header bytes for `ranges` `(byte_offset, byte_count, pfns)`.
 pub fn gpa_header(ranges: &[(u32, u32, &[u64])]) -> Vec<u8> {
-    let mut h = GpaDirectHeader::default();
-    h.range_count = (ranges.len() as u32).into();
+    let h = GpaDirectHeader {
+        range_count: (ranges.len() as u32).into(),
+        ..Default::default()
+    };
     let mut out = h.as_bytes().to_vec();
     for (offset, count, pfns) in ranges {
         let r = GpaRangeHeader {
