@@ -28,7 +28,7 @@
 //! # Unmap
 //! Dynamic images support unmap: a request covering a whole block deallocates it (its BAT entry
 //! becomes `0xFFFFFFFF`; the space is reused by the next allocation in the same session and given
-//! back to the file system by [`compact`](ops::compact)); a partial block range is overwritten with
+//! back to the file system by [`compact`]); a partial block range is overwritten with
 //! zeros (clearing bitmap bits instead would be cheaper, but qemu ignores bitmaps and would show the
 //! stale data). Fixed and differencing images report [`BlockError::Unsupported`]: a fixed image
 //! cannot release space, and in a differencing image "unmapped" would have to mean "zeros over the

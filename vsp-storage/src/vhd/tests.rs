@@ -572,10 +572,14 @@ fn corrupt_images_are_errors() {
         VhdError::BadChecksum { .. }
     ));
     // Only the end footer damaged: the copy at the start is used.
+    // (Also when the damaged footer claims another size: inspect must pick the same footer.)
     let mut b = good.clone();
-    b[n - 512 + 40] ^= 1;
+    b[n - 512 + 50] ^= 4;
     let v = open(&b).unwrap();
     assert!(!v.footer_at_end());
+    let i = inspect(&p, false).unwrap();
+    assert_eq!((i.virtual_size, i.footer.location), (v.size(), "start"));
+    assert!(!i.ok);
     drop(v);
     // Header: bad checksum, bad block size (fixed up checksum).
     let mut b = good.clone();
