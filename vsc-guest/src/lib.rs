@@ -9,5 +9,6 @@
 extern crate alloc;
 
 pub mod netvsc;
+pub mod storvsc;
 #[cfg(feature = "std")]
 pub mod net_harness;
