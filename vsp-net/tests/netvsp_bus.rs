@@ -143,7 +143,10 @@ fn send(r: &mut GuestRings, trans_id: u64, msg: &[u8], completion: bool) {
 }
 
 /// Every packet waiting in the guest's receive ring: (type, trans id, payload, ranges).
-fn recv(r: &mut GuestRings) -> Vec<(PacketType, u64, Vec<u8>, Vec<(u32, u32)>)> {
+/// (type, trans id, payload, transfer ranges)
+type Received = (PacketType, u64, Vec<u8>, Vec<(u32, u32)>);
+
+fn recv(r: &mut GuestRings) -> Vec<Received> {
     let mut out = Vec::new();
     while let Some(p) = r.rx.peek().unwrap() {
         let mut payload = vec![0u8; p.payload_len()];
