@@ -124,6 +124,10 @@ impl<M: GuestMemory> Netvsc<M> {
             ));
         }
         let opened = opened.saturating_add(1);
+        if self.queues.len() <= usize::from(index) {
+            self.queues
+                .resize_with(usize::from(index) + 1, Queue::default);
+        }
         if opened < granted {
             self.phase = Phase::OpeningSubchannels { granted, opened };
             return Ok(());

@@ -75,7 +75,7 @@ impl<M: GuestMemory> Netvsc<M> {
         }
     }
 
-    fn complete_receive(&mut self, q: u16, trans_id: u64, ok: bool) {
+    fn complete_receive(&mut self, q: u16, trans_id: u64, ok: bool, at: usize) {
         let st = if ok { status::SUCCESS } else { status::FAIL };
         let mut payload = Vec::with_capacity(8);
         payload.extend_from_slice(&msg_type::SEND_RNDIS_PACKET_COMPLETE.to_le_bytes());
@@ -84,22 +84,27 @@ impl<M: GuestMemory> Netvsc<M> {
         if !ok {
             self.stats.rx_failed = self.stats.rx_failed.saturating_add(1);
         }
-        self.queue_packet(
-            q,
-            OutPacket {
-                kind: OutKind::Completion,
-                trans_id,
-                completion_requested: false,
-                payload,
-            },
-        );
+        if let Some(queue) = self.queues.get_mut(usize::from(q)) {
+            let at = at.min(queue.out.len());
+            queue.out.insert(
+                at,
+                OutPacket {
+                    kind: OutKind::Completion,
+                    trans_id,
+                    completion_requested: false,
+                    payload,
+                },
+            );
+        }
     }
 
     fn handle_transfer(&mut self, q: u16, pkt: &super::HostPacket<'_>) -> Result<(), NetvscError> {
         self.stats.rx_packets = self.stats.rx_packets.saturating_add(1);
+        let before = self.queues.get(usize::from(q)).map_or(0, |x| x.out.len());
         let result = self.receive_ranges(q, pkt);
-        // Completed exactly once, whatever was wrong (the host can then recycle its sections).
-        self.complete_receive(q, pkt.trans_id, result.is_ok());
+        // Completed exactly once, whatever was wrong (the host can then recycle its sections),
+        // ahead of anything the packet's contents made the driver send.
+        self.complete_receive(q, pkt.trans_id, result.is_ok(), before);
         result
     }
 
