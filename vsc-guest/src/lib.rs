@@ -8,7 +8,9 @@
 
 extern crate alloc;
 
-pub mod netvsc;
-pub mod storvsc;
+#[cfg(feature = "std")]
+pub mod harness;
 #[cfg(feature = "std")]
 pub mod net_harness;
+pub mod netvsc;
+pub mod storvsc;

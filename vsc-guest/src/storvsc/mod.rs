@@ -27,6 +27,7 @@ pub mod sense;
 #[cfg(test)]
 mod tests;
 
+pub use cdb::Cdb;
 pub use disk::{DiscardCommand, DiscardData, DiscardMode, Disk, DiskError};
 pub use driver::{
     Completion, DriverState, Handled, INIT_TRANS_ID, RESET_TRANS_ID, ScsiAddress, ScsiRequest,
