@@ -31,7 +31,7 @@ fn memory_vm() -> (NetVm, MemoryHandle) {
     });
     let mut vm = NetVm::in_process(VmConfig::default(), move |res| {
         let cfg = NetvspConfig {
-            instance: Guid::from_u128(0x0ff1_0ad),
+            instance: Guid::from_u128(0x00ff_10ad),
             ..NetvspConfig::default()
         };
         netvsp(res, cfg, Box::new(backend))

@@ -110,7 +110,7 @@ impl FakeHost {
         assert_eq!(ranges.len(), 1);
         let r = ranges[0];
         let gpa = r.pfn * 4096 + u64::from(r.offset);
-        assert!(gpa >= CONTROL.gpa && gpa < CONTROL.gpa + CONTROL.len);
+        assert!((CONTROL.gpa..CONTROL.gpa + CONTROL.len).contains(&gpa));
         let mut msg = vec![0u8; r.len as usize];
         self.mem.read_at(gpa, &mut msg).unwrap();
         assert_eq!(
