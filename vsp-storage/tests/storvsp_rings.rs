@@ -550,3 +550,44 @@ fn pre_win8_guest_gets_48_byte_completions() {
     assert_eq!(b.read(rig.ram.mem.as_ref())[0], 0);
     VmbusDevice::close(&mut rig.vsp, 1);
 }
+
+#[test]
+fn saved_session_resumes_on_a_new_device() {
+    let mut rig = Rig::new(config());
+    let disk = Arc::new(MemDisk::new(1 << 20, 512));
+    rig.vsp
+        .add_lun(LunAddr::new(0, 0, 0), disk.clone(), None, None);
+    let mut ch = rig.open(1, 0, 64);
+    ch.linux_init();
+    let b = Buf::new(1100, 0, 4096);
+    b.write(rig.ram.mem.as_ref(), &pattern(1, 1, 4096));
+    assert_eq!(
+        ok(&run(&mut ch, 1, LUN0, &write10(8, 8, true), 0, Some(&b))),
+        4096
+    );
+    let state = VmbusDevice::save(&rig.vsp);
+    VmbusDevice::close(&mut rig.vsp, 1);
+
+    // A new device (a restarted VSP) takes the state and the same rings: no new handshake.
+    let bells = rig.bells.clone();
+    let binder = GuestRamBinder {
+        ram: rig.ram.file.clone(),
+        memory: rig.ram.mem.clone(),
+        doorbells: Box::new(move |info| {
+            let g = bells.lock().unwrap();
+            let (_, kick, call) = g.iter().find(|(r, _, _)| *r == info.relid).unwrap();
+            Ok((kick.try_clone()?, call.try_clone()?))
+        }),
+    };
+    let mut again = StorVsp::new(config(), Some(Arc::new(binder))).unwrap();
+    again.add_lun(LunAddr::new(0, 0, 0), disk, None, None);
+    VmbusDevice::restore(&mut again, &state).unwrap();
+    assert!(VmbusDevice::restore(&mut again, b"junk").is_err());
+    VmbusDevice::open(&mut again, ch.info.clone(), &mut Bus(0)).unwrap();
+    assert_eq!(again.version(), Some(ProtocolVersion::Win10));
+    assert!(again.ready());
+    let r = Buf::new(1200, 0, 4096);
+    assert_eq!(ok(&run(&mut ch, 2, LUN0, &read10(8, 8), 1, Some(&r))), 4096);
+    assert_eq!(r.read(rig.ram.mem.as_ref()), pattern(1, 1, 4096));
+    VmbusDevice::close(&mut again, 1);
+}
