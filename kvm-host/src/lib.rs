@@ -10,13 +10,17 @@
 
 pub mod acpi;
 pub mod boot;
+pub mod demo;
+pub mod devices;
 pub mod hyperv;
 pub mod memory;
 pub mod partition;
+pub mod rss;
 pub mod serial;
 pub mod synic;
 pub mod testguest;
 pub mod vcpu;
+pub mod vmbus;
 
 pub use partition::{Partition, PartitionConfig, PartitionError, RunReport, kvm_available};
 pub use vcpu::{EXIT_PORT, ExitReason};

@@ -5,6 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+
+mod demo_cmd;
 use clap::{Parser, Subcommand};
 use kvm_host::serial::SerialSink;
 use kvm_host::testguest::{self, Transcript};
@@ -25,9 +27,31 @@ struct Cli {
 enum Cmd {
     /// Boot an ELF image: the bare-metal test guest (default) or a Linux vmlinux (--linux).
     Run(RunArgs),
-    /// Build and boot the Rust test guest and report what it did (phase 1: Hyper-V CPUID, MSRs,
-    /// hypercalls, SynIC messages and events, multi-vCPU start/stop).
+    /// The demo partition: the Rust test guest on VMBus with a SCSI disk (a dynamic VHD made in a
+    /// temporary directory unless --disk is given) and a NIC on a virtual switch; prints what the
+    /// guest found and did, with timings, the VMM's memory overhead, and a RESULT line.
     Demo(DemoArgs),
+    /// Run a VSP (device) process; started by kvm-host itself for out-of-process devices.
+    Vsp(VspArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct VspArgs {
+    #[command(subcommand)]
+    kind: VspKind,
+}
+
+#[derive(Subcommand, Debug)]
+enum VspKind {
+    /// storvsp over the VSP socket inherited from the VMM (VMBUS_VSP_SOCKET_FD).
+    Storage(VspStorageArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct VspStorageArgs {
+    /// Disk image for LUN 0 (`.vhd` = VHD, anything else raw).
+    #[arg(long)]
+    disk: PathBuf,
 }
 
 #[derive(clap::Args, Debug)]
@@ -61,15 +85,31 @@ struct RunArgs {
 #[derive(clap::Args, Debug)]
 struct DemoArgs {
     /// Number of vCPUs.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, default_value_t = 1)]
     cpus: u32,
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 64)]
     mem: u64,
+    /// Disk image for the SCSI controller (`.vhd` = VHD, anything else raw). Default: a new
+    /// dynamic VHD in a temporary directory, removed afterwards.
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Size of the temporary VHD in MiB.
+    #[arg(long, default_value_t = 64)]
+    disk_size: u64,
+    /// Run storvsp in a supervised VSP process (`kvm-host vsp storage`) instead of in process.
+    #[arg(long)]
+    vsp_process: bool,
     /// Use this test-guest ELF instead of building kvm-host/guest.
     #[arg(long)]
     guest: Option<PathBuf>,
-    /// Run the hostile-guest scenario instead of phase 1.
+    /// Stop the guest after this many seconds.
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+    /// Run the phase-1 scenario (Hyper-V CPUID, MSRs, hypercalls, SynIC) instead of VMBus.
+    #[arg(long, conflicts_with = "hostile")]
+    phase1: bool,
+    /// Run the hostile-guest scenario instead of VMBus.
     #[arg(long)]
     hostile: bool,
     /// Print the guest's serial output as it runs.
@@ -86,16 +126,23 @@ fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Err(e) = kvm_host::kvm_available() {
+    if !matches!(cli.command, Cmd::Vsp(_))
+        && let Err(e) = kvm_host::kvm_available()
+    {
         eprintln!("kvm-host: cannot run partitions here: {e}");
         eprintln!(
             "kvm-host: needs a readable/writable /dev/kvm with IRQCHIP, PIT2, SIGNAL_MSI, IRQFD, X86_USER_SPACE_MSR and X86_MSR_FILTER"
         );
+        if matches!(cli.command, Cmd::Demo(_)) {
+            println!("RESULT demo ok=0 boot_ms=0 io_ok=0 net_ok=0 overhead_kib=0");
+        }
         return ExitCode::from(2);
     }
     let result = match cli.command {
         Cmd::Run(a) => run(a),
-        Cmd::Demo(a) => demo(a),
+        Cmd::Demo(a) if a.phase1 || a.hostile => demo_phase1(a),
+        Cmd::Demo(a) => demo_cmd::demo(a),
+        Cmd::Vsp(a) => vsp(a),
     };
     match result {
         Ok(code) => code,
@@ -154,14 +201,37 @@ fn run(a: RunArgs) -> Result<ExitCode> {
     Ok(exit_code(&report.reason))
 }
 
-fn demo(a: DemoArgs) -> Result<ExitCode> {
-    let guest = match a.guest {
-        Some(g) => g,
+fn guest_image(guest: Option<PathBuf>) -> Result<PathBuf> {
+    match guest {
+        Some(g) => Ok(g),
         None => {
             eprintln!("kvm-host demo: building the test guest (cargo, x86_64-unknown-none)...");
-            testguest::build_guest(&testguest::default_target_dir())?
+            Ok(testguest::build_guest(&testguest::default_target_dir())?)
         }
-    };
+    }
+}
+
+fn vsp(a: VspArgs) -> Result<ExitCode> {
+    match a.kind {
+        VspKind::Storage(s) => {
+            // SAFETY: called once, at the start of this process.
+            let conn = unsafe { vmbus_core::oop::connection_from_env() }.with_context(|| {
+                format!(
+                    "no VSP socket: this command is started by kvm-host ({} unset or not a descriptor)",
+                    vmbus_core::oop::SOCKET_FD_ENV
+                )
+            })?;
+            let (disk, _) = kvm_host::devices::open_disk(&s.disk)?;
+            let mut dev = kvm_host::devices::storvsp(disk)?;
+            vmbus_core::oop::serve(&conn, &mut dev).context("serving the VMM")?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The phase-1 and hostile scenarios (no VMBus devices).
+fn demo_phase1(a: DemoArgs) -> Result<ExitCode> {
+    let guest = guest_image(a.guest)?;
     let (mut sink, buffer) = SerialSink::buffered();
     sink.stdout = a.verbose;
     let mut p = Partition::new(PartitionConfig {

@@ -3,7 +3,7 @@
 //!
 //! The guest reports each step on COM1 as `ok <step> [detail]` or `FAIL <step> <detail>`, ends with
 //! `done`, and writes its status to [`crate::EXIT_PORT`] (0 = every step passed). RCX selects the
-//! scenario ([`MODE_PHASE1`], [`MODE_HOSTILE`], [`MODE_TRIPLE_FAULT`]).
+//! scenario ([`MODE_PHASE1`], [`MODE_HOSTILE`], [`MODE_TRIPLE_FAULT`], [`MODE_VMBUS`]).
 //!
 //! The host side for the phase-1 scenario is [`install_echo`] (an [`EchoHandler`] on two registered
 //! test ports) plus [`queue_welcome`] (two SynIC messages queued before the guest enables its
@@ -20,6 +20,9 @@ pub const MODE_PHASE1: u64 = 0;
 pub const MODE_HOSTILE: u64 = 1;
 /// Scenario: the guest triple-faults on purpose.
 pub const MODE_TRIPLE_FAULT: u64 = 2;
+/// Scenario: VMBus end to end (connect, offers, SCSI disk I/O, NIC with ARP/ping, teardown); the
+/// host runs a [`crate::vmbus::VmbusHost`] with a storage controller and a NIC.
+pub const MODE_VMBUS: u64 = 3;
 
 /// Message port of the echo service: every posted message comes back on the poster's SINT 2.
 pub const ECHO_MESSAGE_CONNECTION: u32 = 0x7E57;
@@ -47,6 +50,25 @@ pub const PHASE1_STEPS: &[&str] = &[
     "synic-event",
     "emulator-quirks",
 ];
+
+/// Steps of the VMBus scenario that need only the bus.
+pub const VMBUS_STEPS: &[&str] = &[
+    "hv-setup",
+    "vmbus-connect",
+    "vmbus-offers",
+    "vmbus-teardown",
+];
+/// Steps of the VMBus scenario that prove disk I/O.
+pub const STORAGE_STEPS: &[&str] = &[
+    "storage-open",
+    "storvsc-init",
+    "scsi-inquiry",
+    "scsi-read-capacity",
+    "disk-write",
+    "disk-read-verify",
+];
+/// Steps of the VMBus scenario that prove the network path.
+pub const NET_STEPS: &[&str] = &["net-open", "nvsp-init", "rndis-init", "net-arp", "net-ping"];
 
 /// Steps of the hostile scenario.
 pub const HOSTILE_STEPS: &[&str] = &[

@@ -1,6 +1,7 @@
 //! kvm-host's bare-metal test guest.
 //!
-//! Entered in 64-bit mode on every VP with RDI = VP index, RDX = VP count, RCX = scenario. VP 0
+//! Entered in 64-bit mode on every VP with RDI = VP index, RDX = VP count, RCX = scenario (0 phase 1,
+//! 1 hostile, 2 triple fault, 3 VMBus end to end). VP 0
 //! runs the scenario and reports each step on COM1 (`ok <step> …` / `FAIL <step> …`), then writes
 //! the number of failures to the exit port. Other VPs record their VP index and halt.
 //!
@@ -8,10 +9,18 @@
 #![no_std]
 #![no_main]
 
+extern crate alloc;
+
 mod arch;
+mod bus;
+mod chan;
 mod hostile;
 mod hv;
+mod mem;
+mod net;
 mod phase1;
+mod phase2;
+mod storage;
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -77,6 +86,7 @@ extern "C" fn guest_main(vp: u64, _zero_page: u64, vp_count: u64, mode: u64) -> 
     match mode {
         0 => phase1::run(vp_count),
         1 => hostile::run(),
+        3 => phase2::run(),
         2 => {
             println!("triple fault now");
             arch::load_null_idt();

@@ -1,0 +1,268 @@
+//! The bus thread: guest messages through the server, server actions to the SynIC and the devices,
+//! device interrupts to the guest.
+
+use std::collections::{HashMap, VecDeque};
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ringbuf::signal::Doorbell;
+use vmbus_core::device::OpenChannelInfo;
+use vmbus_core::host::{HostAction, Server};
+use vmbus_core::wire::MessageBuf;
+
+use super::device::ChannelSetup;
+use super::{BusHandler, BusStats, Slot, lock};
+use crate::memory::GuestRam;
+use crate::synic::{HostPort, Sint, Synic, SynicError};
+
+/// How often devices get [`super::BusDevice::service`].
+const SERVICE_INTERVAL: Duration = Duration::from_millis(100);
+/// Retry interval for messages held back by a full SynIC queue.
+const RETRY_INTERVAL: Duration = Duration::from_millis(2);
+
+/// An open channel as the bus thread tracks it.
+struct OpenChannel {
+    slot: usize,
+    connection_id: u32,
+    target_vp: u32,
+    /// The bus's end of the device's call eventfd.
+    call: Doorbell,
+}
+
+pub(super) struct BusLoop {
+    synic: Arc<Synic>,
+    ram: Arc<GuestRam>,
+    server: Arc<Mutex<Server>>,
+    handler: Arc<BusHandler>,
+    slots: Vec<Slot>,
+    stats: Arc<BusStats>,
+    stop: Arc<AtomicBool>,
+    /// Open channels by relid.
+    open: HashMap<u32, OpenChannel>,
+    /// Messages for the guest the SynIC queue could not take yet, in order.
+    backlog: VecDeque<(u32, u8, MessageBuf)>,
+}
+
+impl BusLoop {
+    pub(super) fn new(
+        synic: Arc<Synic>,
+        ram: Arc<GuestRam>,
+        server: Arc<Mutex<Server>>,
+        handler: Arc<BusHandler>,
+        slots: Vec<Slot>,
+        stats: Arc<BusStats>,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        BusLoop {
+            synic,
+            ram,
+            server,
+            handler,
+            slots,
+            stats,
+            stop,
+            open: HashMap::new(),
+            backlog: VecDeque::new(),
+        }
+    }
+
+    pub(super) fn run(&mut self) {
+        let mut serviced = Instant::now();
+        while !self.stop.load(Ordering::SeqCst) {
+            let timeout = if self.backlog.is_empty() {
+                SERVICE_INTERVAL
+            } else {
+                RETRY_INTERVAL
+            };
+            self.wait(timeout);
+            let _ = self.handler.wake.clear();
+            self.forward_interrupts();
+            self.handle_messages();
+            self.deliver();
+            if serviced.elapsed() >= SERVICE_INTERVAL {
+                serviced = Instant::now();
+                for s in &mut self.slots {
+                    s.device.service();
+                }
+            }
+        }
+        let relids: Vec<u32> = self.open.keys().copied().collect();
+        for relid in relids {
+            self.close(relid);
+        }
+        // Dropping the devices joins their threads.
+        self.slots.clear();
+    }
+
+    /// Sleeps until the guest posts, a device calls, or `timeout` passes.
+    fn wait(&self, timeout: Duration) {
+        let mut fds: Vec<libc::pollfd> = std::iter::once(self.handler.wake.as_fd())
+            .chain(self.open.values().map(|c| c.call.as_fd()))
+            .map(|fd| libc::pollfd {
+                fd: fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfds for the whole call; every fd is
+        // owned by a doorbell that outlives it.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if r < 0 {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// Every rung call eventfd becomes the channel's event flag + SINT 2 interrupt on its VP.
+    fn forward_interrupts(&self) {
+        for (&relid, ch) in &self.open {
+            if !matches!(ch.call.clear(), Ok(true)) {
+                continue;
+            }
+            self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+            if let Err(e) = self.synic.signal_guest(ch.target_vp, Sint::VMBUS, relid) {
+                tracing::debug!(relid, "vmbus: interrupt for the guest lost: {e}");
+            }
+        }
+    }
+
+    fn handle_messages(&mut self) {
+        while let Some((connection_id, payload)) = self.handler.take_message() {
+            if let Err(e) = lock(&self.server).handle_message(connection_id, &payload) {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(connection_id, "vmbus: guest message refused: {e}");
+            }
+            self.run_actions();
+        }
+        self.run_actions();
+    }
+
+    /// Runs the server's actions; device calls happen without the server lock (netvsp's worker
+    /// reads GPADLs from the server while holding its own lock).
+    fn run_actions(&mut self) {
+        loop {
+            let Some(action) = lock(&self.server).poll_action() else {
+                return;
+            };
+            match action {
+                HostAction::Send { vp, sint, msg } => self.backlog.push_back((vp, sint, msg)),
+                HostAction::Open(info) => {
+                    let relid = info.relid;
+                    let ok = self.open_channel(info);
+                    if let Err(e) = lock(&self.server).complete_open(relid, ok) {
+                        tracing::info!(relid, "vmbus: open completed with: {e}");
+                    }
+                }
+                HostAction::Close { relid } => self.close(relid),
+                HostAction::Retarget { relid, target_vp } => {
+                    if let Some(ch) = self.open.get_mut(&relid) {
+                        ch.target_vp = target_vp;
+                    }
+                }
+                HostAction::Reset => {
+                    let relids: Vec<u32> = self.open.keys().copied().collect();
+                    for relid in relids {
+                        self.close(relid);
+                    }
+                    self.backlog.clear();
+                    self.synic.clear_queues();
+                }
+            }
+        }
+    }
+
+    fn open_channel(&mut self, info: OpenChannelInfo) -> bool {
+        let relid = info.relid;
+        let Some(slot) = self.slots.iter().position(|s| s.relid == relid) else {
+            tracing::warn!(relid, "vmbus: open of a channel without a device");
+            return false;
+        };
+        if self.open.contains_key(&relid) {
+            return false;
+        }
+        let doorbells = Doorbell::new().and_then(|kick| {
+            let call = Doorbell::new()?;
+            Ok((kick.try_clone()?, kick, call.try_clone()?, call))
+        });
+        let (kick_bus, kick, call_bus, call) = match doorbells {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(relid, "vmbus: eventfds for channel: {e}");
+                return false;
+            }
+        };
+        let connection_id = info.connection_id;
+        let target_vp = info.target_vp;
+        let s = &mut self.slots[slot];
+        let t = Instant::now();
+        let setup = ChannelSetup {
+            info,
+            ram: &self.ram,
+            kick,
+            call,
+        };
+        if let Err(e) = s.device.open(setup) {
+            self.stats.open_failures.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(relid, device = %s.name, "vmbus: device refused the channel: {e}");
+            return false;
+        }
+        if let Err(e) = self
+            .synic
+            .register_port(connection_id, crate::synic::PortKind::Event)
+        {
+            tracing::warn!(relid, connection_id, "vmbus: event port: {e}");
+            s.device.close(relid);
+            return false;
+        }
+        self.handler.set_kick(connection_id, Some(kick_bus));
+        self.open.insert(
+            relid,
+            OpenChannel {
+                slot,
+                connection_id,
+                target_vp,
+                call: call_bus,
+            },
+        );
+        self.stats.opens.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(relid, device = %s.name, hosting = %s.device.hosting(), elapsed = ?t.elapsed(), "vmbus: channel open");
+        true
+    }
+
+    fn close(&mut self, relid: u32) {
+        let Some(ch) = self.open.remove(&relid) else {
+            return;
+        };
+        self.handler.set_kick(ch.connection_id, None);
+        self.synic.unregister_port(ch.connection_id);
+        if let Some(s) = self.slots.get_mut(ch.slot) {
+            s.device.close(relid);
+        }
+        self.stats.closes.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(relid, "vmbus: channel closed");
+    }
+
+    /// Posts held messages in order; stops at the first the SynIC queue cannot take.
+    fn deliver(&mut self) {
+        while let Some((vp, sint, msg)) = self.backlog.front() {
+            let Some(s) = Sint::new(*sint) else {
+                tracing::error!(sint, "vmbus: server chose an invalid SINT");
+                self.backlog.pop_front();
+                continue;
+            };
+            match self.synic.post_to_guest(*vp, s, msg) {
+                Ok(_) => {
+                    self.stats.messages_out.fetch_add(1, Ordering::Relaxed);
+                    self.backlog.pop_front();
+                }
+                Err(SynicError::QueueFull { .. }) => return,
+                Err(e) => {
+                    tracing::warn!(vp, "vmbus: message for the guest dropped: {e}");
+                    self.backlog.pop_front();
+                }
+            }
+        }
+    }
+}
