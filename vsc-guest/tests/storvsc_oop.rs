@@ -7,7 +7,7 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-use vmbus_core::oop::{connection_from_env, serve};
+use vmbus_core::oop::{HostedDevice, connection_from_env, serve};
 use vmbus_core::wire::Guid;
 use vsc_guest::harness::{HarnessConfig, IoOp, StorHarness, Vsp};
 use vsc_guest::storvsc::DiscardMode;
@@ -17,6 +17,8 @@ use vsp_storage::storvsp::{LunAddr, StorVsp, StorVspConfig};
 const INSTANCE: Guid = Guid::from_u128(0x5c5c_0002_0000_4000_8000_0000_0000_0002);
 const DISK_ENV: &str = "STORVSC_OOP_DISK";
 const SUBS_ENV: &str = "STORVSC_OOP_SUBCHANNELS";
+/// Set for a restarted VSP: the storvsp session state (`HostedDevice::save` format) to resume.
+const RESTORE_ENV: &str = "STORVSC_OOP_RESTORE";
 
 /// The VSP process: storvsp over the raw file named in the environment, until the VMM hangs up.
 #[test]
@@ -34,11 +36,19 @@ fn storvsp_child() {
     let disk = RawDisk::open(Path::new(&path), &RawOptions::default()).unwrap();
     vsp.add_raw_lun(LunAddr::new(0, 0, 0), Arc::new(disk));
     let mut vsp = vsp;
+    if let Ok(hex) = std::env::var(RESTORE_ENV) {
+        let state: Vec<u8> = (0..hex.len())
+            .step_by(2)
+            .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+            .collect();
+        HostedDevice::restore(&mut vsp, &state).unwrap();
+    }
     serve(&conn, &mut vsp).unwrap();
 }
 
 fn child(path: &Path, subs: u16) -> Vsp {
     let path = path.to_path_buf();
+    let mut starts = 0u32;
     Vsp::Child(Box::new(move || {
         let mut c = Command::new(std::env::current_exe().unwrap());
         c.args([
@@ -50,6 +60,16 @@ fn child(path: &Path, subs: u16) -> Vsp {
         .env(DISK_ENV, &path)
         .env(SUBS_ENV, subs.to_string())
         .stdout(std::process::Stdio::null());
+        if starts > 0 {
+            // A restart resumes the session the guest negotiated (WIN10, initialised, `subs`
+            // sub-channels) in storvsp's saved-state layout: Supervisor cannot fetch it itself.
+            let s = subs.to_le_bytes();
+            c.env(
+                RESTORE_ENV,
+                format!("56535431020601{:02x}{:02x}", s[0], s[1]),
+            );
+        }
+        starts += 1;
         c
     }))
 }
@@ -127,4 +147,100 @@ fn cross_process_round_trips() {
     assert_eq!((st.duplicates, st.unknown, st.malformed), (0, 0, 0));
     // The child is still the one we started.
     assert_eq!(h.supervisor().unwrap().pid(), Some(pid));
+}
+
+#[test]
+fn vsp_killed_during_io_is_restarted_and_nothing_is_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.raw");
+    const BLOCKS: u64 = 16 * 64;
+    drop(RawDisk::create(&path, BLOCKS * 512, &RawOptions::default()).unwrap());
+    let mut cfg = HarnessConfig {
+        queues: 2,
+        ram_pages: 8192,
+        timeout: Duration::from_secs(20),
+        targets: Some(vec![(0, 0)]),
+        ..HarnessConfig::default()
+    };
+    cfg.description.instance = INSTANCE;
+    cfg.description.max_subchannels = 1;
+    let mut h = StorHarness::start(cfg, child(&path, 1)).unwrap();
+    // 16 slots, each rewriting its own 32 KiB region and reading it back; the VSP is killed
+    // every 60 ms. Requests the dead VSP had taken and not answered are sent again; the rest are
+    // still in the ring for its successor. Data must come out exactly as the model says.
+    let mut model = vec![0u8; (BLOCKS * 512) as usize];
+    let bufs: Vec<_> = (0..16).map(|_| h.ram().alloc(32768).unwrap()).collect();
+    let mut state: Vec<(u64, bool, u64)> = Vec::new(); // (tag, writing, round)
+    let issue = |h: &mut StorHarness, s: usize, round: u64, model: &mut [u8]| -> (u64, bool) {
+        let lba = s as u64 * 64;
+        let writing = round.is_multiple_of(2);
+        let tag = if writing {
+            let data = pattern(lba, round, 32768);
+            h.ram().write(&bufs[s], 0, &data).unwrap();
+            model[(lba * 512) as usize..(lba * 512) as usize + 32768].copy_from_slice(&data);
+            h.submit(IoOp::Write {
+                lba,
+                buf: bufs[s].clone(),
+                fua: false,
+            })
+            .unwrap()
+        } else {
+            h.submit(IoOp::Read {
+                lba,
+                buf: bufs[s].clone(),
+            })
+            .unwrap()
+        };
+        (tag, writing)
+    };
+    for s in 0..16 {
+        let (tag, w) = issue(&mut h, s, 0, &mut model);
+        state.push((tag, w, 0));
+    }
+    let start = std::time::Instant::now();
+    let mut last_kill = start;
+    let mut kills = 0;
+    let mut completed = 0u64;
+    while kills < 8 || completed < 2000 {
+        if kills < 8 && last_kill.elapsed() > Duration::from_millis(60) {
+            // SIGKILL, as a crash would.
+            h.supervisor().unwrap().kill();
+            last_kill = std::time::Instant::now();
+            kills += 1;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(60),
+            "stuck: {completed} done"
+        );
+        for d in h.poll(Duration::from_secs(5)).unwrap() {
+            let s = state.iter().position(|x| x.0 == d.tag).unwrap();
+            assert_eq!(d.result, Ok(32768), "slot {s}");
+            if !state[s].1 {
+                let mut got = vec![0u8; 32768];
+                h.ram().read(&bufs[s], 0, &mut got).unwrap();
+                let at = s * 64 * 512;
+                assert!(
+                    got == model[at..at + 32768],
+                    "slot {s} round {}",
+                    state[s].2
+                );
+            }
+            completed += 1;
+            let round = state[s].2 + 1;
+            let (tag, w) = issue(&mut h, s, round, &mut model);
+            state[s] = (tag, w, round);
+        }
+    }
+    while h.in_flight() > 0 {
+        h.poll(Duration::from_secs(5)).unwrap();
+    }
+    h.flush().unwrap();
+    assert_eq!(std::fs::read(&path).unwrap(), model);
+    assert!(h.vsp_restarts >= 8, "restarts {}", h.vsp_restarts);
+    let st = h.driver().stats();
+    eprintln!(
+        "completed={completed} restarts={} resent={} duplicates={}",
+        h.vsp_restarts, st.resent, st.duplicates
+    );
+    assert_eq!(st.unknown, 0);
 }

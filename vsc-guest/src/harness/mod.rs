@@ -17,6 +17,13 @@
 //! CREATE_SUB_CHANNELS was granted. Neither `HostedDevice` nor `Supervisor` carries a device's
 //! asynchronous sub-channel request to the bus (a VSP only gets a `ChannelControl` while a channel
 //! opens), so waiting for the device would never end; its requests are counted instead.
+//!
+//! VSP restarts (child process, [`HarnessConfig::supervise`]): when the VSP dies the harness
+//! reads what it answered, notes which requests it had taken from the rings without answering
+//! ([`RingChannel::lost_requests`](crate::storvsc::RingChannel::lost_requests)), lets the
+//! supervisor restart it (memory table and channels replayed, ring positions kept in guest
+//! memory) and sends exactly those requests again. A completion arriving twice is ignored by
+//! the driver. The restarted VSP must resume the vstor session (storvsp: its saved state).
 
 mod host;
 mod io;

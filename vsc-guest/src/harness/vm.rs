@@ -39,6 +39,9 @@ pub struct HarnessConfig {
     pub description: DeviceDescription,
     /// How long any one wait (a bus reply, an I/O) may take.
     pub timeout: Duration,
+    /// Child-process VSP: restart it when it dies (as the VMM does) and send the requests it
+    /// may have lost again (the driver then ignores whichever completion comes second).
+    pub supervise: bool,
 }
 
 impl Default for HarnessConfig {
@@ -56,6 +59,7 @@ impl Default for HarnessConfig {
             targets: None,
             description,
             timeout: Duration::from_secs(30),
+            supervise: true,
         }
     }
 }
@@ -91,6 +95,9 @@ pub struct StorHarness {
     /// Sub-channel offers the device itself asked for (counted, see the module docs).
     pub device_subchannel_requests: u64,
     pub(super) per_channel: Vec<u64>,
+    /// Times the child-process VSP was found dead and restarted.
+    pub vsp_restarts: u64,
+    last_check: Instant,
 }
 
 fn bus_err<E: std::fmt::Display>(e: E) -> HarnessError {
@@ -116,6 +123,9 @@ impl StorHarness {
 
     fn connect(mut cfg: HarnessConfig, vsp: Vsp) -> Result<Self, HarnessError> {
         cfg.driver.subchannels = cfg.queues.saturating_sub(1);
+        if matches!(vsp, Vsp::Child(_)) && cfg.supervise {
+            cfg.driver.retain_packets = true;
+        }
         let ram = GuestRam::new(cfg.ram_pages)?;
         let (host, desc): (Box<dyn DeviceHost>, DeviceDescription) = match vsp {
             Vsp::InProcess(d) => (
@@ -160,6 +170,8 @@ impl StorHarness {
             refused: Vec::new(),
             device_subchannel_requests: 0,
             per_channel: Vec::new(),
+            vsp_restarts: 0,
+            last_check: Instant::now(),
         };
         h.client.connect().map_err(bus_err)?;
         h.wait_bus("VERSION_RESPONSE", |e| {
@@ -341,7 +353,11 @@ impl StorHarness {
             .ok_or(HarnessError::Bus("kick doorbell lost".into()))?
             .try_clone()?;
         let index = self.channels.len() as u16;
-        let chan = RingChannel::new(index, up, down).map_err(crate::storvsc::ChannelError::Ring)?;
+        let mut chan =
+            RingChannel::new(index, up, down).map_err(crate::storvsc::ChannelError::Ring)?;
+        if self.driver.config().retain_packets {
+            chan.track_positions();
+        }
         self.channels.push(GuestChannel { relid, chan, kick });
         self.per_channel.push(0);
         Ok(())
@@ -462,6 +478,10 @@ impl StorHarness {
     /// rings, signals, completions and events. `true` when something moved.
     pub fn service(&mut self) -> Result<bool, HarnessError> {
         self.pump()?;
+        if self.cfg.supervise && self.last_check.elapsed() >= Duration::from_millis(20) {
+            self.last_check = Instant::now();
+            self.check_vsp()?;
+        }
         let mut active = false;
         for c in &mut self.channels {
             let rx = c.chan.receive(&mut self.driver, 256)?;
@@ -487,6 +507,46 @@ impl StorHarness {
             self.events.push(e);
         }
         Ok(active)
+    }
+
+    /// Restarts a dead child-process VSP (the supervisor re-sends the memory table and re-opens
+    /// every channel) and sends again the requests it had taken from the rings and not answered.
+    /// `Ok(true)` when it restarted one.
+    pub fn check_vsp(&mut self) -> Result<bool, HarnessError> {
+        let Some(sup) = self.host.supervisor() else {
+            return Ok(false);
+        };
+        if sup.is_alive() {
+            return Ok(false);
+        }
+        // The dead VSP's ring positions are final now: take what it answered, then see what it
+        // took and did not answer, before its successor starts reading.
+        let mut lost = Vec::new();
+        for c in &mut self.channels {
+            let rx = c.chan.receive(&mut self.driver, usize::MAX)?;
+            self.refused.extend(rx.refused);
+            lost.push(c.chan.lost_requests(&self.driver));
+        }
+        let sup = self
+            .host
+            .supervisor()
+            .ok_or(HarnessError::Device("supervisor gone".into()))?;
+        sup.ensure_running()
+            .map_err(|e| HarnessError::Device(e.to_string()))?;
+        self.vsp_restarts += 1;
+        let mut resent = 0;
+        for (i, ids) in lost.iter().enumerate() {
+            resent += self.driver.resend(i as u16, ids);
+        }
+        tracing::info!(resent, "harness: VSP restarted; lost requests sent again");
+        for c in &mut self.channels {
+            c.chan.transmit(&mut self.driver)?;
+            c.kick.ring()?;
+        }
+        while let Some(c) = self.driver.poll_completion() {
+            self.complete(c);
+        }
+        Ok(true)
     }
 
     /// Sleeps until a channel interrupts the guest or `timeout` passes (not at all when a

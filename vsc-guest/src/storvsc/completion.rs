@@ -146,4 +146,6 @@ pub struct Stats {
     pub unsolicited: u64,
     /// Completions that came back on another channel than their request went out on.
     pub wrong_channel: u64,
+    /// Requests sent again by [`Storvsc::resend_in_flight`](super::Storvsc::resend_in_flight).
+    pub resent: u64,
 }

@@ -38,6 +38,9 @@ pub struct StorvscConfig {
     pub max_outstanding_per_channel: u32,
     /// `time_out_value` in every SRB.
     pub srb_timeout: u32,
+    /// Keep a copy of every request in flight so [`Storvsc::resend_in_flight`] can send it again
+    /// (after a VSP restart that may have lost requests it had read but not completed).
+    pub retain_packets: bool,
 }
 
 impl Default for StorvscConfig {
@@ -48,6 +51,7 @@ impl Default for StorvscConfig {
             port_number: 0,
             max_outstanding_per_channel: LINUX_MAX_OUTSTANDING_PER_CHANNEL,
             srb_timeout: LINUX_SRB_TIMEOUT,
+            retain_packets: false,
         }
     }
 }
@@ -156,13 +160,15 @@ struct Channel {
     outstanding: u32,
 }
 
-#[derive(Copy, Clone, Debug)]
+#[derive(Clone, Debug)]
 pub(crate) struct Pending {
     pub(crate) channel: u16,
     pub(crate) tag: u64,
     pub(crate) addr: ScsiAddress,
     pub(crate) cdb: Cdb,
     pub(crate) requested: u32,
+    /// The packet as sent, kept when `retain_packets` is on.
+    pub(crate) packet: Option<OutPacket>,
 }
 
 /// One storvsc controller.
@@ -367,6 +373,7 @@ impl Storvsc {
             None => OutPacket::in_band(channel, id, &packet, len),
         };
         let requested = req.data.map_or(0, |(_, r)| r.len());
+        let packet = self.config.retain_packets.then(|| out.clone());
         if let Some(c) = self.channels.get_mut(usize::from(channel)) {
             c.outbound.push_back(out);
             c.outstanding = c.outstanding.saturating_add(1);
@@ -379,6 +386,7 @@ impl Storvsc {
                 addr: req.addr,
                 cdb: req.cdb,
                 requested,
+                packet,
             },
         );
         self.stats.submitted = self.stats.submitted.saturating_add(1);
@@ -448,6 +456,33 @@ impl Storvsc {
         }
         self.reset_pending = true;
         Ok(())
+    }
+
+    /// Whether request `trans_id` is still waiting for its completion.
+    pub fn is_pending(&self, trans_id: u64) -> bool {
+        self.pending.contains_key(&trans_id)
+    }
+
+    /// Queues requests `ids` (those still in flight) on `channel` again, in the given order,
+    /// with their transaction ids. Needs [`StorvscConfig::retain_packets`]. For requests a
+    /// restarted VSP lost: it had taken them from the ring and died before completing them
+    /// ([`RingChannel::lost_requests`](super::RingChannel::lost_requests) finds them). A copy
+    /// still queued here is not sent twice. Returns how many were queued.
+    pub fn resend(&mut self, channel: u16, ids: &[u64]) -> usize {
+        let again: Vec<OutPacket> = ids
+            .iter()
+            .filter_map(|id| self.pending.get(id))
+            .filter(|p| p.channel == channel)
+            .filter_map(|p| p.packet.clone())
+            .collect();
+        let Some(c) = self.channels.get_mut(usize::from(channel)) else {
+            return 0;
+        };
+        c.outbound.retain(|q| !ids.contains(&q.trans_id));
+        let n = again.len();
+        c.outbound.extend(again);
+        self.stats.resent = self.stats.resent.saturating_add(n as u64);
+        n
     }
 
     /// Completes every request of `channel` as cancelled and drops its queued packets (the

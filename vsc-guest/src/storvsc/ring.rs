@@ -4,7 +4,10 @@
 //! must be signalled (the ring halves decide exactly as Linux does).
 
 use super::driver::{Storvsc, StorvscError};
+use alloc::collections::VecDeque;
 use alloc::vec::Vec;
+use ringbuf::layout::ControlWord;
+use ringbuf::sync::Ordering;
 use ringbuf::{RingError, RingMem, RingReader, RingWriter, WriteError};
 
 /// Outcome of [`RingChannel::transmit`].
@@ -42,6 +45,10 @@ pub struct RingChannel<M: RingMem> {
     out: RingWriter<M>,
     inp: RingReader<M>,
     buf: Vec<u8>,
+    /// Bytes written to the outgoing ring since the channel was opened.
+    written: u64,
+    /// With position tracking: `(trans_id, written after it)` of packets sent, oldest first.
+    sent: Option<VecDeque<(u64, u64)>>,
 }
 
 impl<M: RingMem> RingChannel<M> {
@@ -53,6 +60,48 @@ impl<M: RingMem> RingChannel<M> {
             out: RingWriter::new(outgoing)?,
             inp: RingReader::new(incoming)?,
             buf: Vec::new(),
+            written: 0,
+            sent: None,
+        })
+    }
+
+    /// Remembers where each request sits in the outgoing ring, so that after a VSP restart
+    /// [`Self::lost_requests`] can tell which ones the dead VSP had taken.
+    pub fn track_positions(&mut self) {
+        self.sent.get_or_insert_with(VecDeque::new);
+    }
+
+    /// Bytes of the outgoing ring the VSP has consumed since the channel was opened (from its
+    /// published `read_index`).
+    pub fn consumed(&self) -> u64 {
+        let size = self.out.data_len();
+        let r = self
+            .out
+            .mem()
+            .control(ControlWord::ReadIndex)
+            .load(Ordering::Acquire);
+        let w = self.out.write_index();
+        let unread = if r > size {
+            // A corrupt index: count everything as unread (nothing is then resent).
+            u64::from(size)
+        } else if w >= r {
+            u64::from(w - r)
+        } else {
+            u64::from(size - (r - w))
+        };
+        self.written.saturating_sub(unread)
+    }
+
+    /// Requests still in flight that the VSP took from the ring: after the VSP died (and before
+    /// it restarts), these are the ones it may never answer. Requests it had not taken are
+    /// still in the ring for its successor. Needs [`Self::track_positions`].
+    pub fn lost_requests(&self, drv: &Storvsc) -> Vec<u64> {
+        let consumed = self.consumed();
+        self.sent.as_ref().map_or_else(Vec::new, |s| {
+            s.iter()
+                .filter(|(id, end)| *end <= consumed && drv.is_pending(*id))
+                .map(|(id, _)| *id)
+                .collect()
         })
     }
 
@@ -73,10 +122,15 @@ impl<M: RingMem> RingChannel<M> {
         let mut outcome = TxOutcome::default();
         let mut batch = self.out.batch();
         while let Some(pkt) = drv.peek_transmit(self.index) {
-            match pkt.with_outgoing(|o| batch.write(o)) {
-                Ok(()) => {
+            let id = pkt.trans_id;
+            match pkt.with_outgoing(|o| batch.write(o).and_then(|()| o.footprint())) {
+                Ok(footprint) => {
                     drv.pop_transmit(self.index);
                     outcome.written += 1;
+                    self.written = self.written.saturating_add(u64::from(footprint));
+                    if let Some(s) = self.sent.as_mut() {
+                        s.push_back((id, self.written));
+                    }
                 }
                 Err(WriteError::Full { .. }) => {
                     outcome.blocked = true;
@@ -87,6 +141,11 @@ impl<M: RingMem> RingChannel<M> {
             }
         }
         outcome.signal = batch.commit()?;
+        if let Some(s) = self.sent.as_mut()
+            && s.len() > 2 * drv.in_flight() + 64
+        {
+            s.retain(|(id, _)| drv.is_pending(*id));
+        }
         if outcome.blocked {
             // Ask the host to signal when the next packet fits (pending_send_sz), unless it
             // already does.

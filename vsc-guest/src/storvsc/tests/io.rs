@@ -484,3 +484,67 @@ fn ring_channel_moves_packets_both_ways() {
     let rx = ch.receive(&mut drv, 8).unwrap();
     assert_eq!(rx.refused.len(), 1);
 }
+
+#[test]
+fn resend_after_a_vsp_restart() {
+    use ringbuf::HeapRing;
+    let mut drv = Storvsc::new(StorvscConfig {
+        retain_packets: true,
+        ..StorvscConfig::default()
+    });
+    handshake(&mut drv, &[ProtocolVersion::Win10], props(0, 0, 0x40000));
+    let up = HeapRing::new(4).unwrap();
+    let down = HeapRing::new(4).unwrap();
+    let mut ch = RingChannel::new(0, &up, &down).unwrap();
+    ch.track_positions();
+    let pfns = [4u64, 5];
+    let ids: Vec<u64> = (0..5)
+        .map(|t| drv.submit(&read_req(&pfns, 0, 8192, t)).unwrap())
+        .collect();
+    ch.transmit(&mut drv).unwrap();
+    // The old VSP took three requests, answered the second, and died.
+    let mut host_rx = ringbuf::RingReader::new(&up).unwrap();
+    let mut taken = Vec::new();
+    let mut buf = Vec::new();
+    for _ in 0..3 {
+        let info = host_rx.read_into(&mut buf).unwrap().unwrap();
+        taken.push((info.trans_id, buf.clone()));
+    }
+    host_rx.commit().unwrap();
+    let mut host_tx = ringbuf::RingWriter::new(&down).unwrap();
+    let srb = VstorPacket::from_prefix_zero_filled(&taken[1].1)
+        .unwrap()
+        .srb();
+    let done = vstor::srb_completion(&srb, 0, 1, 0, 8192, &[]);
+    let parts: [&[u8]; 1] = [done.as_bytes()];
+    host_tx
+        .try_write(&ringbuf::OutgoingPacket::completion(taken[1].0, &parts))
+        .unwrap();
+    // The guest reads what the dead VSP answered, then asks what it lost: only the two it took
+    // and never answered (the last two are still in the ring for the new VSP).
+    ch.receive(&mut drv, 16).unwrap();
+    assert_eq!(drv.poll_completion().unwrap().trans_id, ids[1]);
+    let lost = ch.lost_requests(&drv);
+    assert_eq!(lost, [ids[0], ids[2]]);
+    assert_eq!(drv.resend(0, &lost), 2);
+    let again = drain(&mut drv, 0);
+    assert_eq!(again.iter().map(|p| p.trans_id).collect::<Vec<_>>(), lost);
+    // Byte-identical to what the dead VSP took.
+    assert_eq!(again[0].payload(), &taken[0].1[..]);
+    assert_eq!(again[1].payload(), &taken[2].1[..]);
+    // The new VSP answers everything; an answer arriving twice is a duplicate.
+    for id in [ids[0], ids[2], ids[3], ids[4]] {
+        let d = vstor::srb_completion(&srb, 0, 1, 0, 8192, &[]);
+        assert_eq!(reply(&mut drv, 0, id, &d), Ok(Handled::Completion));
+    }
+    assert_eq!(reply(&mut drv, 0, ids[0], &done), Ok(Handled::Duplicate));
+    let st = drv.stats();
+    assert_eq!((st.completed, st.duplicates, st.resent), (5, 1, 2));
+    assert_eq!(drv.in_flight(), 0);
+    assert!(ch.lost_requests(&drv).is_empty());
+    // Without retained packets nothing can be resent; unknown ids are skipped.
+    let mut plain = ready();
+    let id = plain.submit(&read_req(&pfns, 0, 8192, 0)).unwrap();
+    drain(&mut plain, 0);
+    assert_eq!(plain.resend(0, &[id, 999]), 0);
+}
