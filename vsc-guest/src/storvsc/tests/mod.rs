@@ -7,6 +7,7 @@ mod init;
 mod io;
 mod parse;
 mod probe;
+mod prop;
 
 use super::*;
 use ringbuf::PacketType;
