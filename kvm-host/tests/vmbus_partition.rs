@@ -1,0 +1,208 @@
+//! The phase-2 test guest on VMBus in a real KVM partition: connect, offers, a SCSI disk (storvsp
+//! in process or in a supervised VSP process, VHD or raw image), a NIC (netvsp on a virtual switch
+//! with a host endpoint answering ARP and ping), teardown and UNLOAD. Skipped, with the reason,
+//! when /dev/kvm is not usable.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use kvm_host::ExitReason;
+use kvm_host::demo::{self, DemoConfig, DemoOutcome, StorageHosting};
+use kvm_host::testguest;
+
+/// One partition at a time: 2 cores, and KVM emulates every guest instruction.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn kvm_or_skip(test: &str) -> bool {
+    match kvm_host::kvm_available() {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("skipping {test}: {e}");
+            false
+        }
+    }
+}
+
+fn guest() -> PathBuf {
+    static GUEST: OnceLock<Result<PathBuf, String>> = OnceLock::new();
+    GUEST
+        .get_or_init(|| {
+            testguest::build_guest(&testguest::default_target_dir()).map_err(|e| e.to_string())
+        })
+        .clone()
+        .expect("building the test guest (needs `rustup target add x86_64-unknown-none`)")
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("kvm-host-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn boot(disk: &Path, storage: StorageHosting, vcpus: u32) -> DemoOutcome {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let o = demo::run(&DemoConfig {
+        guest: guest(),
+        mem_bytes: 64 << 20,
+        vcpus,
+        disk: disk.to_path_buf(),
+        storage,
+        timeout: Duration::from_secs(60),
+        echo_serial: false,
+    })
+    .unwrap();
+    eprintln!(
+        "{} vCPU(s), storage {}: {:?} after {:.3} s guest time; bus {:?}; memory {:?}",
+        vcpus,
+        o.storage_hosting,
+        o.run.reason,
+        o.run.guest_time.as_secs_f64(),
+        o.bus,
+        o.memory
+    );
+    o
+}
+
+/// Every step of the scenario passed, in order, and the host saw what the guest reported.
+fn check(o: &DemoOutcome) {
+    let t = &o.transcript;
+    let mut expected: Vec<&str> = testguest::VMBUS_STEPS[..3].to_vec();
+    expected.extend_from_slice(testguest::STORAGE_STEPS);
+    expected.extend_from_slice(testguest::NET_STEPS);
+    expected.push("vmbus-teardown");
+    assert!(t.failed.is_empty(), "{:?}\n{}", t.failed, o.serial);
+    let order: Vec<&str> = t.ok.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(order, expected, "\n{}", o.serial);
+    assert!(t.done, "{}", o.serial);
+    assert_eq!(o.run.reason, ExitReason::ExitPort(0), "{}", o.serial);
+    assert!(o.ok() && o.io_ok() && o.net_ok() && o.bus_ok());
+    assert!(o.run.guest_time < Duration::from_secs(60));
+
+    assert!(
+        t.detail("vmbus-connect")
+            .unwrap()
+            .starts_with("version 5.3")
+    );
+    assert!(t.detail("vmbus-offers").unwrap().starts_with("2 offer(s)"));
+    let offers: Vec<&str> = o
+        .serial
+        .lines()
+        .filter(|l| l.starts_with("offer "))
+        .collect();
+    assert_eq!(offers.len(), 2, "{offers:?}");
+    assert!(
+        offers[0].contains("class=scsi")
+            && offers[0].contains("6b1f0d5e-3c2a-4e8f-9a7b-000000000001")
+    );
+    assert!(offers[1].contains("class=network") && offers[1].contains("conn=0x2002"));
+    assert!(t.detail("storvsc-init").unwrap().contains("Win10"));
+    assert!(
+        t.detail("scsi-inquiry")
+            .unwrap()
+            .contains("vendor \"Msft\"")
+    );
+    assert!(
+        t.detail("scsi-read-capacity")
+            .unwrap()
+            .contains("blocks of 512 bytes")
+    );
+    assert!(
+        t.detail("disk-read-verify")
+            .unwrap()
+            .contains("pattern matches=true")
+    );
+    assert!(t.detail("nvsp-init").unwrap().starts_with("NVSP 0x60001"));
+    assert!(
+        t.detail("rndis-init")
+            .unwrap()
+            .starts_with("mac 00:15:5d:00:00:02")
+    );
+    assert!(t.detail("net-arp").unwrap().contains("02:00:00:00:00:01"));
+
+    // The host's side of the same story.
+    assert_eq!(o.peer_replies, (1, 1));
+    assert_eq!((o.bus.opens, o.bus.closes, o.bus.open_failures), (2, 2, 0));
+    assert_eq!(o.bus.refused, 0);
+    assert_eq!(o.bus.messages_in, o.bus.messages_out, "{:?}", o.bus);
+    assert!(o.bus.kicks > 0 && o.bus.interrupts > 0, "{:?}", o.bus);
+    assert!(o.memory.guest_mapped_kib > 0);
+    assert!(o.memory.rss_kib > o.memory.guest_mapped_kib);
+}
+
+/// The pattern the guest wrote at LBA 2048 is on the disk (seed from the transcript).
+fn check_disk(o: &DemoOutcome, disk: &Path) {
+    let detail = o.transcript.detail("disk-write").unwrap();
+    let seed: u8 = detail
+        .split("(seed ")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .and_then(|s| s.parse().ok())
+        .expect("seed in the disk-write detail");
+    let want: Vec<u8> = (0..4096usize)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8)
+        .collect();
+    let (d, _) = kvm_host::devices::open_disk(disk).unwrap();
+    let mut got = vec![0u8; 4096];
+    d.read_at(2048 * 512, &mut got).unwrap();
+    assert_eq!(got, want, "the guest's write is not on the disk");
+}
+
+#[test]
+fn vmbus_guest_with_storvsp_in_process_on_a_dynamic_vhd() {
+    if !kvm_or_skip("vmbus_guest_with_storvsp_in_process_on_a_dynamic_vhd") {
+        return;
+    }
+    let dir = TempDir::new("vhd");
+    let disk = dir.0.join("disk.vhd");
+    kvm_host::devices::create_dynamic_vhd(&disk, 64 << 20).unwrap();
+    let o = boot(&disk, StorageHosting::InProcess, 1);
+    check(&o);
+    assert_eq!(o.disk_kind, "VHD");
+    assert_eq!(o.storage_hosting, "in-process");
+    check_disk(&o, &disk);
+}
+
+#[test]
+fn vmbus_guest_with_storvsp_in_a_vsp_process_on_a_raw_image() {
+    if !kvm_or_skip("vmbus_guest_with_storvsp_in_a_vsp_process_on_a_raw_image") {
+        return;
+    }
+    let dir = TempDir::new("raw");
+    let disk = dir.0.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(32 << 20)
+        .unwrap();
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_kvm-host"));
+    let o = boot(&disk, StorageHosting::Process { exe }, 2);
+    check(&o);
+    assert_eq!(o.disk_kind, "raw");
+    assert!(
+        o.storage_hosting.starts_with("VSP process "),
+        "{}",
+        o.storage_hosting
+    );
+    assert!(o.vsp_rss_kib.is_some());
+    assert!(
+        o.transcript
+            .detail("scsi-read-capacity")
+            .unwrap()
+            .starts_with("65536 blocks of 512 bytes (32 MiB)")
+    );
+    check_disk(&o, &disk);
+}
