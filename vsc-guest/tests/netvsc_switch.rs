@@ -9,7 +9,7 @@ mod netvsc_common;
 use netvsc_common::*;
 use std::time::Duration;
 use vsc_guest::net_harness::smol::SmolStack;
-use vsc_guest::netvsc::NetvscEvent;
+use vsc_guest::netvsc::{NetvscEvent, TxMeta};
 use vsp_net::switch::{Switch, SwitchConfig};
 
 const MAC_A: [u8; 6] = [0x00, 0x15, 0x5d, 0x10, 0x00, 0x01];
@@ -84,4 +84,23 @@ fn two_queues_per_guest() {
     let data = pattern(512 * 1024, 0x77);
     let (got, _) = tcp_transfer(&mut [&mut a, &mut b], 0, 1, IP_B, 5003, &data, T);
     assert!(got == data);
+    // Raw TCP frames of 64 flows: A spreads them over its queues by hash, B's netvsp spreads them
+    // over B's queues by the RSS parameters B set (Toeplitz over the 4-tuple).
+    let (mut va, mut vb) = (a.vm, b.vm);
+    for port in 0..64u16 {
+        let f = ipv4_tcp_frame(MAC_B, MAC_A, IP_A, IP_B, 1000 + port, 80);
+        let meta = TxMeta {
+            hash: Some(u32::from(port).wrapping_mul(0x9E37_79B9)),
+            ..TxMeta::default()
+        };
+        va.send(&f, &meta).unwrap();
+    }
+    let mut queues = [0u32; 2];
+    while queues.iter().sum::<u32>() < 64 {
+        va.service().unwrap();
+        let f = vb.recv(T).unwrap().expect("frame");
+        queues[usize::from(f.queue)] += 1;
+        assert!(f.hash.is_some(), "RSS hash PPI");
+    }
+    assert!(queues[0] > 0 && queues[1] > 0, "{queues:?}");
 }

@@ -206,3 +206,34 @@ pub fn tcp_transfer(
     stacks[to].sockets.remove(sh);
     (got, elapsed)
 }
+
+/// A minimal Ethernet/IPv4/TCP frame (valid IPv4 header checksum, TCP checksum 0).
+pub fn ipv4_tcp_frame(
+    dst: [u8; 6],
+    src: [u8; 6],
+    sip: [u8; 4],
+    dip: [u8; 4],
+    sport: u16,
+    dport: u16,
+) -> Vec<u8> {
+    let mut f = dst.to_vec();
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&[0x08, 0x00]);
+    let mut ip = vec![0x45, 0, 0, 44, 0, 0, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&sip);
+    ip.extend_from_slice(&dip);
+    let mut acc: u32 = ip
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], c[1]])))
+        .sum();
+    while acc >> 16 != 0 {
+        acc = (acc & 0xFFFF) + (acc >> 16);
+    }
+    ip[10..12].copy_from_slice(&(!(acc as u16)).to_be_bytes());
+    f.extend_from_slice(&ip);
+    f.extend_from_slice(&sport.to_be_bytes());
+    f.extend_from_slice(&dport.to_be_bytes());
+    f.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x10, 0xff, 0xff, 0, 0, 0, 0]);
+    f.extend_from_slice(&[0xab; 4]);
+    f
+}
