@@ -128,7 +128,7 @@ fn report(o: &DemoOutcome, disk: &Path) {
     );
     println!("guest:");
     for line in o.serial.lines() {
-        if line.starts_with("offer ") || line.starts_with("stats ") {
+        if line.starts_with("offer ") || line.contains("stats ") {
             println!("  {line}");
         }
     }

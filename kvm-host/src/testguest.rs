@@ -20,8 +20,9 @@ pub const MODE_PHASE1: u64 = 0;
 pub const MODE_HOSTILE: u64 = 1;
 /// Scenario: the guest triple-faults on purpose.
 pub const MODE_TRIPLE_FAULT: u64 = 2;
-/// Scenario: VMBus end to end (connect, offers, SCSI disk I/O, NIC with ARP/ping, teardown); the
-/// host runs a [`crate::vmbus::VmbusHost`] with a storage controller and a NIC.
+/// Scenario: VMBus end to end (connect, offers, SCSI disk I/O through vsc-guest's storvsc, NIC
+/// with ARP/ping through vsc-guest's netvsc, teardown); the host runs a
+/// [`crate::vmbus::VmbusHost`] with a storage controller and a NIC.
 pub const MODE_VMBUS: u64 = 3;
 
 /// Message port of the echo service: every posted message comes back on the poster's SINT 2.
@@ -62,13 +63,14 @@ pub const VMBUS_STEPS: &[&str] = &[
 pub const STORAGE_STEPS: &[&str] = &[
     "storage-open",
     "storvsc-init",
+    "scsi-probe",
     "scsi-inquiry",
     "scsi-read-capacity",
     "disk-write",
     "disk-read-verify",
 ];
 /// Steps of the VMBus scenario that prove the network path.
-pub const NET_STEPS: &[&str] = &["net-open", "nvsp-init", "rndis-init", "net-arp", "net-ping"];
+pub const NET_STEPS: &[&str] = &["net-open", "netvsc-bringup", "net-arp", "net-ping"];
 
 /// Steps of the hostile scenario.
 pub const HOSTILE_STEPS: &[&str] = &[

@@ -111,6 +111,7 @@ fn check(o: &DemoOutcome) {
     );
     assert!(offers[1].contains("class=network") && offers[1].contains("conn=0x2002"));
     assert!(t.detail("storvsc-init").unwrap().contains("Win10"));
+    assert!(t.detail("scsi-probe").unwrap().starts_with("1 LUN(s)"));
     assert!(
         t.detail("scsi-inquiry")
             .unwrap()
@@ -126,11 +127,36 @@ fn check(o: &DemoOutcome) {
             .unwrap()
             .contains("pattern matches=true")
     );
-    assert!(t.detail("nvsp-init").unwrap().starts_with("NVSP 0x60001"));
+    assert!(t.detail("scsi-probe").unwrap().starts_with("1 LUN(s)"));
+    let bringup = t.detail("netvsc-bringup").unwrap();
+    assert!(bringup.starts_with("NVSP 0x60001"), "{bringup}");
     assert!(
-        t.detail("rndis-init")
-            .unwrap()
-            .starts_with("mac 00:15:5d:00:00:02")
+        bringup.contains("mac 00:15:5d:00:00:02") && bringup.contains("link up"),
+        "{bringup}"
+    );
+    // The drivers' own counters: every request answered, nothing refused.
+    let stor = o
+        .serial
+        .lines()
+        .find(|l| l.starts_with("storvsc stats "))
+        .unwrap();
+    let (sub, done) = (field(stor, "submitted"), field(stor, "completed"));
+    assert!(
+        sub > 5 && sub == done && field(stor, "refused") == 0,
+        "{stor}"
+    );
+    let net = o
+        .serial
+        .lines()
+        .find(|l| l.starts_with("netvsc stats "))
+        .unwrap();
+    assert!(
+        net.contains("tx_frames: 2,") && net.contains("rx_frames: 2,"),
+        "{net}"
+    );
+    assert!(
+        net.contains("bad_packets: 0,") && net.ends_with("refused=0"),
+        "{net}"
     );
     assert!(t.detail("net-arp").unwrap().contains("02:00:00:00:00:01"));
 
@@ -142,6 +168,13 @@ fn check(o: &DemoOutcome) {
     assert!(o.bus.kicks > 0 && o.bus.interrupts > 0, "{:?}", o.bus);
     assert!(o.memory.guest_mapped_kib > 0);
     assert!(o.memory.rss_kib > o.memory.guest_mapped_kib);
+}
+
+/// `name=<number>` in a stats line.
+fn field(line: &str, name: &str) -> u64 {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(name)?.strip_prefix('=')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name}= in {line}"))
 }
 
 /// The pattern the guest wrote at LBA 2048 is on the disk (seed from the transcript).

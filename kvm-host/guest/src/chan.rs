@@ -1,17 +1,21 @@
-//! A VMBus channel in the guest: ring GPADL in guest pages, OPENCHANNEL, and the two rings
-//! (ringbuf's reader/writer over the identity-mapped pages) with HvSignalEvent / SINT 2 signalling.
+//! VMBus channels in the guest: ring GPADLs in guest pages, OPENCHANNEL / CLOSECHANNEL, the rings
+//! as `ringbuf::RingMem` over the identity-mapped pages, guest RAM as vmbus-core `GuestMemory`,
+//! and the wait loop shared by the drivers (HvSignalEvent out, SINT 2 event flag in).
 
+use alloc::string::String;
 use alloc::vec::Vec;
 use core::sync::atomic::{AtomicU32, Ordering};
 
-use ringbuf::{
-    ControlWord, HeaderInfo, OutgoingPacket, PacketType, RingMem, RingReader, RingWriter,
-};
+use ringbuf::{ControlWord, RingMem};
 use vmbus_core::guest::{ClientEvent, OfferInfo, OpenParams};
+use vmbus_core::memory::{GuestMemory, MemoryError};
 
 use crate::arch::{self, SINT_COUNT};
 use crate::bus::Bus;
 use crate::{hv, mem};
+
+/// Why a step failed (a test program: the message is what gets reported).
+pub type Error = String;
 
 /// One ring in guest memory: a control page and `data_len` bytes of data pages after it.
 pub struct GuestRing {
@@ -61,233 +65,121 @@ impl RingMem for GuestRing {
     }
 }
 
-/// A packet copied out of the host→guest ring.
-pub struct Packet {
-    pub ty: PacketType,
-    pub trans_id: u64,
-    pub payload: Vec<u8>,
-    /// Transfer-page packets: set id and `(byte_offset, byte_count)` ranges.
-    pub set_id: u16,
-    pub ranges: Vec<(u32, u32)>,
-}
+/// Guest RAM as the drivers see it: identity-mapped, so a GPA is an address. Only the driver's
+/// own buffers (from [`mem::pages`]) are ever named.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct GuestMem;
 
-/// Why a channel operation failed.
-#[derive(Debug)]
-pub enum ChanError {
-    NoMemory,
-    Client(vmbus_core::guest::ClientError),
-    Status(&'static str, u32),
-    Ring(ringbuf::RingError),
-    Write(ringbuf::WriteError),
-}
+impl GuestMemory for GuestMem {
+    fn read_at(&self, gpa: u64, dst: &mut [u8]) -> Result<(), MemoryError> {
+        mem::read(gpa, dst);
+        Ok(())
+    }
 
-impl core::fmt::Display for ChanError {
-    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
-        match self {
-            ChanError::NoMemory => write!(f, "out of guest memory"),
-            ChanError::Client(e) => write!(f, "vmbus client: {e}"),
-            ChanError::Status(what, s) => write!(f, "{what}: host status 0x{s:x}"),
-            ChanError::Ring(e) => write!(f, "ring: {e}"),
-            ChanError::Write(e) => write!(f, "ring write: {e}"),
-        }
+    fn write_at(&self, gpa: u64, src: &[u8]) -> Result<(), MemoryError> {
+        mem::write(gpa, src);
+        Ok(())
     }
 }
 
-impl From<vmbus_core::guest::ClientError> for ChanError {
-    fn from(e: vmbus_core::guest::ClientError) -> Self {
-        ChanError::Client(e)
-    }
-}
-
-impl From<ringbuf::RingError> for ChanError {
-    fn from(e: ringbuf::RingError) -> Self {
-        ChanError::Ring(e)
-    }
-}
-
-/// Creates a GPADL over `pages` pages at `gpa` on channel `relid` and waits for GPADL_CREATED.
-pub fn create_gpadl(bus: &mut Bus, relid: u32, gpa: u64, pages: usize) -> Result<u32, ChanError> {
-    let pfns: Vec<u64> = (0..pages as u64).map(|i| gpa / 4096 + i).collect();
-    let handle = bus.client.create_gpadl(relid, &pfns)?;
+/// Creates a GPADL over `pfns` on channel `relid` and waits for GPADL_CREATED.
+pub fn create_gpadl(bus: &mut Bus, relid: u32, pfns: &[u64]) -> Result<u32, Error> {
+    let handle = bus
+        .client
+        .create_gpadl(relid, pfns)
+        .map_err(|e| alloc::format!("GPADL: {e}"))?;
     match bus.wait(|e| matches!(e, ClientEvent::GpadlCreated { handle: h, .. } if *h == handle)) {
         ClientEvent::GpadlCreated { status: 0, .. } => Ok(handle),
-        ClientEvent::GpadlCreated { status, .. } => Err(ChanError::Status("GPADL_CREATED", status)),
-        _ => Err(ChanError::Status("GPADL_CREATED", u32::MAX)),
+        e => Err(alloc::format!("GPADL_CREATED: {e:?}")),
     }
 }
 
-pub struct Channel {
+/// An open channel: its ids and its two rings (guest→host, host→guest).
+pub struct Opened {
     pub relid: u32,
     pub connection_id: u32,
     pub ring_gpadl: u32,
-    tx: RingWriter<GuestRing>,
-    rx: RingReader<GuestRing>,
-    /// HvSignalEvents made, and packets received.
-    pub signals: u32,
-    pub received: u32,
+    pub up: GuestRing,
+    pub down: GuestRing,
 }
 
-impl Channel {
-    /// Opens `offer` with `ring_pages` pages per direction (control page included).
-    pub fn open(bus: &mut Bus, offer: &OfferInfo, ring_pages: usize) -> Result<Channel, ChanError> {
-        let base = mem::pages(2 * ring_pages).ok_or(ChanError::NoMemory)?;
-        let data_len = ((ring_pages - 1) * 4096) as u32;
-        let up = GuestRing { base, data_len };
-        let down = GuestRing {
-            base: base + ring_pages as u64 * 4096,
-            data_len,
-        };
-        ringbuf::init_control(&up);
-        ringbuf::init_control(&down);
-        let relid = offer.relid;
-        let ring_gpadl = create_gpadl(bus, relid, base, 2 * ring_pages)?;
-        bus.client
-            .open_channel(relid, OpenParams::new(ring_gpadl, ring_pages as u32, 0))?;
-        match bus.wait(|e| matches!(e, ClientEvent::OpenResult { relid: r, .. } if *r == relid)) {
-            ClientEvent::OpenResult { status: 0, .. } => {}
-            ClientEvent::OpenResult { status, .. } => {
-                return Err(ChanError::Status("OPENCHANNEL_RESULT", status));
-            }
-            _ => return Err(ChanError::Status("OPENCHANNEL_RESULT", u32::MAX)),
+/// Opens `offer` with `ring_pages` pages per direction (control page included): ring pages,
+/// control pages initialised as Linux does, the GPADL, OPENCHANNEL.
+pub fn open(bus: &mut Bus, offer: &OfferInfo, ring_pages: usize) -> Result<Opened, Error> {
+    let base = mem::pages(2 * ring_pages).ok_or("out of guest memory for rings")?;
+    let data_len = ((ring_pages - 1) * 4096) as u32;
+    let up = GuestRing { base, data_len };
+    let down = GuestRing {
+        base: base + ring_pages as u64 * 4096,
+        data_len,
+    };
+    ringbuf::init_control(&up);
+    ringbuf::init_control(&down);
+    let relid = offer.relid;
+    let pfns: Vec<u64> = (0..2 * ring_pages as u64)
+        .map(|i| base / 4096 + i)
+        .collect();
+    let ring_gpadl = create_gpadl(bus, relid, &pfns)?;
+    bus.client
+        .open_channel(relid, OpenParams::new(ring_gpadl, ring_pages as u32, 0))
+        .map_err(|e| alloc::format!("OPENCHANNEL: {e}"))?;
+    match bus.wait(|e| matches!(e, ClientEvent::OpenResult { relid: r, .. } if *r == relid)) {
+        ClientEvent::OpenResult { status: 0, .. } => {}
+        e => return Err(alloc::format!("OPENCHANNEL_RESULT: {e:?}")),
+    }
+    Ok(Opened {
+        relid,
+        connection_id: offer.connection_id,
+        ring_gpadl,
+        up,
+        down,
+    })
+}
+
+/// Closes channel `relid` and tears its ring GPADL down (waits for GPADL_TORNDOWN).
+pub fn close(bus: &mut Bus, relid: u32, ring_gpadl: u32) -> Result<(), Error> {
+    bus.client
+        .close_channel(relid)
+        .map_err(|e| alloc::format!("CLOSECHANNEL: {e}"))?;
+    bus.client
+        .teardown_gpadl(relid, ring_gpadl)
+        .map_err(|e| alloc::format!("GPADL_TEARDOWN: {e}"))?;
+    bus.wait(|e| matches!(e, ClientEvent::GpadlTorndown { handle } if *handle == ring_gpadl));
+    Ok(())
+}
+
+/// Signals the host on a channel's connection id.
+pub fn signal(connection_id: u32) {
+    hv::signal_event(connection_id, 0);
+}
+
+/// What one round of servicing a channel did.
+pub struct Serviced {
+    /// Packets moved either way.
+    pub moved: bool,
+    /// The host→guest ring may hold data published after the reader looked (re-arm said so).
+    pub pending: bool,
+}
+
+/// Services a channel until `done` gives a value: `service` moves packets (and signals the host);
+/// between rounds with nothing to do the CPU halts until the next SynIC interrupt. The channel's
+/// event flag (bit `relid` of SINT 2) is cleared before each round so no wake-up is lost.
+pub fn drive<S, T>(
+    state: &mut S,
+    relid: u32,
+    mut service: impl FnMut(&mut S) -> Result<Serviced, Error>,
+    mut done: impl FnMut(&mut S) -> Option<T>,
+) -> Result<T, Error> {
+    loop {
+        let seen = SINT_COUNT.load(Ordering::SeqCst);
+        hv::take_event(relid);
+        let s = service(state)?;
+        if let Some(v) = done(state) {
+            return Ok(v);
         }
-        Ok(Channel {
-            relid,
-            connection_id: offer.connection_id,
-            ring_gpadl,
-            tx: RingWriter::new(up)?,
-            rx: RingReader::new(down)?,
-            signals: 0,
-            received: 0,
-        })
-    }
-
-    fn signal(&mut self) {
-        self.signals += 1;
-        hv::signal_event(self.connection_id, 0);
-    }
-
-    /// Writes one packet, waiting for ring space if needed, and signals the host when the ring
-    /// rules say so.
-    pub fn send(&mut self, pkt: &OutgoingPacket<'_>) -> Result<(), ChanError> {
-        let mut requested = false;
-        loop {
-            let seen = SINT_COUNT.load(Ordering::SeqCst);
-            match self.tx.try_write(pkt) {
-                Ok(signal) => {
-                    if requested {
-                        self.tx.clear_space_request();
-                    }
-                    if signal {
-                        self.signal();
-                    }
-                    return Ok(());
-                }
-                Err(ringbuf::WriteError::Full { .. }) => {
-                    // The host signals when it frees space we asked for.
-                    let need = pkt.footprint().map_err(ChanError::Write)?;
-                    if self.tx.request_space(need)? {
-                        continue;
-                    }
-                    requested = true;
-                    arch::wait_sint(seen);
-                    hv::take_event(self.relid);
-                }
-                Err(e) => return Err(ChanError::Write(e)),
-            }
+        if s.moved || s.pending {
+            continue;
         }
-    }
-
-    /// Sends an in-band packet.
-    pub fn send_inband(
-        &mut self,
-        trans_id: u64,
-        payload: &[u8],
-        completion: bool,
-    ) -> Result<(), ChanError> {
-        let parts: [&[u8]; 1] = [payload];
-        self.send(&OutgoingPacket::in_band(trans_id, completion, &parts))
-    }
-
-    /// Sends a GPA-direct packet with one range over `len` bytes at page-aligned `gpa`.
-    pub fn send_gpa(
-        &mut self,
-        trans_id: u64,
-        payload: &[u8],
-        gpa: u64,
-        offset: u32,
-        len: u32,
-    ) -> Result<(), ChanError> {
-        let pages = (u64::from(offset) + u64::from(len)).div_ceil(4096);
-        let mut headers = Vec::with_capacity(16 + 8 * pages as usize);
-        headers.extend_from_slice(&0u32.to_le_bytes()); // reserved
-        headers.extend_from_slice(&1u32.to_le_bytes()); // range count
-        headers.extend_from_slice(&len.to_le_bytes());
-        headers.extend_from_slice(&offset.to_le_bytes());
-        for i in 0..pages {
-            headers.extend_from_slice(&(gpa / 4096 + i).to_le_bytes());
-        }
-        let parts: [&[u8]; 1] = [payload];
-        self.send(&OutgoingPacket {
-            packet_type: PacketType::GpaDirect,
-            completion_requested: true,
-            trans_id,
-            headers: &headers,
-            payload: &parts,
-        })
-    }
-
-    /// The next packet from the host, if one is waiting.
-    pub fn try_recv(&mut self) -> Result<Option<Packet>, ChanError> {
-        let Some(p) = self.rx.peek()? else {
-            return Ok(None);
-        };
-        let info = *p.info();
-        let mut payload = alloc::vec![0u8; p.payload_len()];
-        // The length came from the packet itself: the copy cannot be out of bounds.
-        let _ = p.copy_payload(0, &mut payload);
-        let (set_id, ranges) = match info.header {
-            HeaderInfo::TransferPages { set_id, .. } => (
-                set_id,
-                p.transfer_ranges()
-                    .unwrap_or(&[])
-                    .iter()
-                    .map(|r| (r.byte_offset.get(), r.byte_count.get()))
-                    .collect(),
-            ),
-            _ => (0, Vec::new()),
-        };
-        p.consume();
-        if self.rx.commit()? {
-            self.signal();
-        }
-        self.received += 1;
-        Ok(Some(Packet {
-            ty: info.packet_type,
-            trans_id: info.trans_id,
-            payload,
-            set_id,
-            ranges,
-        }))
-    }
-
-    /// Waits for the next packet (halting until the host's interrupt for this channel).
-    pub fn recv(&mut self) -> Result<Packet, ChanError> {
-        loop {
-            let seen = SINT_COUNT.load(Ordering::SeqCst);
-            hv::take_event(self.relid);
-            if let Some(p) = self.try_recv()? {
-                return Ok(p);
-            }
-            arch::wait_sint(seen);
-        }
-    }
-
-    /// Closes the channel and tears its ring GPADL down (waits for GPADL_TORNDOWN).
-    pub fn close(self, bus: &mut Bus) -> Result<(), ChanError> {
-        bus.client.close_channel(self.relid)?;
-        bus.client.teardown_gpadl(self.relid, self.ring_gpadl)?;
-        let handle = self.ring_gpadl;
-        bus.wait(|e| matches!(e, ClientEvent::GpadlTorndown { handle: h } if *h == handle));
-        Ok(())
+        arch::wait_sint(seen);
     }
 }

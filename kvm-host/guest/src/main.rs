@@ -14,6 +14,7 @@ extern crate alloc;
 mod arch;
 mod bus;
 mod chan;
+mod frames;
 mod hostile;
 mod hv;
 mod mem;

@@ -1,5 +1,6 @@
-//! Scenario 3: VMBus end to end — connect, offers, a SCSI disk (init, INQUIRY, READ CAPACITY,
-//! write a pattern and read it back) and a NIC (NVSP, RNDIS, ARP and ping to the host's endpoint on
+//! Scenario 3: VMBus end to end — connect, offers, a SCSI disk through vsc-guest's storvsc (init,
+//! the Linux probe with INQUIRY and READ CAPACITY, write a pattern and read it back) and a NIC
+//! through vsc-guest's netvsc (NVSP, buffers, RNDIS bring-up, ARP and ping to the host's endpoint on
 //! the virtual switch), then close everything and UNLOAD. Each step reports its time (from the
 //! TIME_REF_COUNT MSR) as `… in <ms> ms`.
 
@@ -10,9 +11,10 @@ use vmbus_core::wire::class;
 
 use crate::arch::{self, SINT_VECTOR, rdmsr};
 use crate::bus::Bus;
-use crate::chan::{ChanError, Channel};
-use crate::net::{self, Netvsc};
-use crate::storage::{Storvsc, rw10};
+use crate::chan::{self, Error};
+use crate::frames;
+use crate::net::Net;
+use crate::storage::Storage;
 use crate::{check, hv, mem, println};
 
 /// Ring pages per direction (control page included): small, the emulator copies every byte.
@@ -27,12 +29,21 @@ struct Ms(u64);
 
 impl fmt::Display for Ms {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let d = rdmsr(hv::TIME_REF_COUNT).saturating_sub(self.0);
-        write!(f, "{}.{} ms", d / 10_000, (d / 1000) % 10)
+        Dur(rdmsr(hv::TIME_REF_COUNT).saturating_sub(self.0)).fmt(f)
     }
 }
 
-fn now() -> u64 {
+/// A duration in TIME_REF_COUNT units, shown in milliseconds.
+struct Dur(u64);
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}.{} ms", self.0 / 10_000, (self.0 / 1000) % 10)
+    }
+}
+
+/// The reference counter (100 ns units).
+pub fn now() -> u64 {
     rdmsr(hv::TIME_REF_COUNT)
 }
 
@@ -50,7 +61,7 @@ fn text(b: &[u8]) -> &str {
     core::str::from_utf8(b).unwrap_or("?").trim_end()
 }
 
-fn fail(step: &str, e: ChanError) {
+fn fail(step: &str, e: Error) {
     check(step, false, format_args!("{e}"));
 }
 
@@ -126,6 +137,7 @@ pub fn run() {
         format_args!("{} offer(s) in {}", offers.len(), Ms(t)),
     );
 
+    // (relid, ring GPADL) of every channel opened, for the teardown.
     let mut open = alloc::vec::Vec::new();
     match offers.iter().find(|o| o.class_id == class::SCSI) {
         Some(o) => {
@@ -147,8 +159,8 @@ pub fn run() {
     let t = now();
     let n = open.len();
     let mut closed = true;
-    for ch in open {
-        closed &= ch.close(&mut bus).is_ok();
+    for (relid, gpadl) in open {
+        closed &= chan::close(&mut bus, relid, gpadl).is_ok();
     }
     let unloaded = bus.client.unload().is_ok()
         && matches!(
@@ -173,11 +185,11 @@ pub fn run() {
     );
 }
 
-/// Opens the SCSI controller, runs the checks; returns the channel for teardown.
-fn storage(bus: &mut Bus, o: &OfferInfo) -> Option<Channel> {
+/// Opens the SCSI controller and runs the checks; returns (relid, ring GPADL) for the teardown.
+fn storage(bus: &mut Bus, o: &OfferInfo) -> Option<(u32, u32)> {
     let t = now();
-    let ch = match Channel::open(bus, o, RING_PAGES) {
-        Ok(ch) => ch,
+    let opened = match chan::open(bus, o, RING_PAGES) {
+        Ok(c) => c,
         Err(e) => {
             fail("storage-open", e);
             return None;
@@ -194,119 +206,119 @@ fn storage(bus: &mut Bus, o: &OfferInfo) -> Option<Channel> {
             Ms(t)
         ),
     );
-    let mut s = Storvsc::new(ch);
-    if let Err(e) = scsi_steps(&mut s) {
-        fail("storage-io", e);
+    let ids = (opened.relid, opened.ring_gpadl);
+    match Storage::new(opened) {
+        Ok(mut s) => {
+            if let Err(e) = scsi_steps(&mut s) {
+                fail("storage-io", e);
+            }
+        }
+        Err(e) => fail("storvsc-init", e),
     }
-    Some(s.ch)
+    Some(ids)
 }
 
-fn scsi_steps(s: &mut Storvsc) -> Result<(), ChanError> {
+fn scsi_steps(s: &mut Storage) -> Result<(), Error> {
     let t = now();
-    s.init()?;
+    let n = s.init()?;
     check(
         "storvsc-init",
         true,
         format_args!(
-            "vstor {:?} max transfer {} KiB in {}",
-            s.version,
-            s.max_transfer / 1024,
+            "vstor {:?}, max transfer {} KiB, {} sub-channel(s) in {}",
+            n.version,
+            n.max_transfer_bytes / 1024,
+            n.subchannels,
             Ms(t)
         ),
     );
 
-    let buf = mem::pages(2).ok_or(ChanError::NoMemory)?;
     let t = now();
-    let r = s.command(&[0x12, 0, 0, 0, 36, 0], true, Some((buf, 36)))?;
-    let mut inq = [0u8; 36];
-    mem::read(buf, &mut inq);
+    let (luns, times) = s.probe(&n)?;
+    let lun = luns.iter().find(|l| l.is_disk());
+    check(
+        "scsi-probe",
+        lun.is_some(),
+        format_args!(
+            "{} LUN(s) at 0:0, {} commands in {}",
+            luns.len(),
+            times.commands,
+            Ms(t)
+        ),
+    );
+    let lun = lun.ok_or("no disk found by the probe")?;
+    let q = &lun.inquiry;
     check(
         "scsi-inquiry",
-        r.ok() && inq[0] & 0x1F == 0,
+        q.device_type == 0,
         format_args!(
-            "type {} vendor \"{}\" product \"{}\" rev \"{}\" in {}",
-            inq[0] & 0x1F,
-            text(&inq[8..16]),
-            text(&inq[16..32]),
-            text(&inq[32..36]),
-            Ms(t)
+            "type {} vendor \"{}\" product \"{}\" rev \"{}\", {} VPD pages in {}",
+            q.device_type,
+            text(&q.vendor),
+            text(&q.product),
+            text(&q.revision),
+            lun.vpd_pages.len(),
+            Dur(times.inquiry)
         ),
     );
-
-    let t = now();
-    let r = s.command(&[0x25, 0, 0, 0, 0, 0, 0, 0, 0, 0], true, Some((buf, 8)))?;
-    let mut cap = [0u8; 8];
-    mem::read(buf, &mut cap);
-    let last = u32::from_be_bytes([cap[0], cap[1], cap[2], cap[3]]);
-    let block = u32::from_be_bytes([cap[4], cap[5], cap[6], cap[7]]);
-    let bytes = (u64::from(last) + 1) * u64::from(block);
+    let cap = lun.capacity.ok_or("no capacity")?;
     check(
         "scsi-read-capacity",
-        r.ok() && block == 512 && last >= TEST_LBA + 8,
+        cap.block_size == 512 && cap.blocks() > u64::from(TEST_LBA) + 8,
         format_args!(
             "{} blocks of {} bytes ({} MiB) in {}",
-            u64::from(last) + 1,
-            block,
-            bytes >> 20,
-            Ms(t)
+            cap.blocks(),
+            cap.block_size,
+            (cap.blocks() * u64::from(cap.block_size)) >> 20,
+            Dur(times.read_capacity)
         ),
     );
+    let disk = vsc_guest::storvsc::Disk::from_lun(lun, n.max_transfer_bytes, n.version)
+        .map_err(|e| alloc::format!("disk: {e}"))?;
 
-    let wbuf = buf;
-    let rbuf = buf + 4096;
+    let buf = mem::pages(2).ok_or("out of memory")?;
+    let (wbuf, rbuf) = (buf, buf + 4096);
     let mut pattern = [0u8; TEST_BYTES as usize];
     let seed = (now() & 0xFF) as u8;
     for (i, b) in pattern.iter_mut().enumerate() {
         *b = (i as u8).wrapping_mul(31).wrapping_add(seed) ^ (i >> 8) as u8;
     }
     mem::write(wbuf, &pattern);
-    let blocks = (TEST_BYTES / 512) as u16;
     let t = now();
-    let r = s.command(
-        &rw10(true, TEST_LBA, blocks),
-        false,
-        Some((wbuf, TEST_BYTES)),
-    )?;
+    let wrote = s.io(&disk, true, u64::from(TEST_LBA), wbuf, TEST_BYTES, 1)?;
     check(
         "disk-write",
-        r.ok() && r.transferred == TEST_BYTES,
-        format_args!(
-            "{} bytes at LBA {} (seed {}) in {}",
-            r.transferred,
-            TEST_LBA,
-            seed,
-            Ms(t)
-        ),
+        wrote == TEST_BYTES,
+        format_args!("{wrote} bytes at LBA {TEST_LBA} (seed {seed}) in {}", Ms(t)),
     );
 
     mem::write(rbuf, &[0xA5; TEST_BYTES as usize]);
     let t = now();
-    let r = s.command(
-        &rw10(false, TEST_LBA, blocks),
-        true,
-        Some((rbuf, TEST_BYTES)),
-    )?;
+    let read = s.io(&disk, false, u64::from(TEST_LBA), rbuf, TEST_BYTES, 2)?;
     let mut back = [0u8; TEST_BYTES as usize];
     mem::read(rbuf, &mut back);
     let same = back == pattern;
     check(
         "disk-read-verify",
-        r.ok() && r.transferred == TEST_BYTES && same,
+        read == TEST_BYTES && same,
         format_args!(
-            "{} bytes read back, pattern matches={} in {}",
-            r.transferred,
-            same,
+            "{read} bytes read back, pattern matches={same} in {}",
             Ms(t)
         ),
+    );
+    let st = s.drv.stats();
+    println!(
+        "storvsc stats submitted={} completed={} refused={}",
+        st.submitted, st.completed, s.refused
     );
     Ok(())
 }
 
-/// Opens the NIC, runs the checks; returns the channel for teardown.
-fn network(bus: &mut Bus, o: &OfferInfo) -> Option<Channel> {
+/// Opens the NIC and runs the checks; returns (relid, ring GPADL) for the teardown.
+fn network(bus: &mut Bus, o: &OfferInfo) -> Option<(u32, u32)> {
     let t = now();
-    let ch = match Channel::open(bus, o, RING_PAGES) {
-        Ok(ch) => ch,
+    let opened = match chan::open(bus, o, RING_PAGES) {
+        Ok(c) => c,
         Err(e) => {
             fail("net-open", e);
             return None;
@@ -323,83 +335,76 @@ fn network(bus: &mut Bus, o: &OfferInfo) -> Option<Channel> {
             Ms(t)
         ),
     );
-    let mut n = match Netvsc::new(ch) {
-        Ok(n) => n,
-        Err(e) => {
-            fail("nvsp-init", e);
-            return None;
+    let ids = (opened.relid, opened.ring_gpadl);
+    match Net::new(opened) {
+        Ok(mut n) => {
+            if let Err(e) = net_steps(bus, &mut n) {
+                fail("net-io", e);
+            }
         }
-    };
-    if let Err(e) = net_steps(bus, &mut n) {
-        fail("net-io", e);
+        Err(e) => fail("netvsc-bringup", e),
     }
-    Some(n.ch)
+    Some(ids)
 }
 
-fn net_steps(bus: &mut Bus, n: &mut Netvsc) -> Result<(), ChanError> {
+fn mac_str(m: [u8; 6]) -> alloc::string::String {
+    alloc::format!(
+        "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+        m[0],
+        m[1],
+        m[2],
+        m[3],
+        m[4],
+        m[5]
+    )
+}
+
+fn net_steps(bus: &mut Bus, n: &mut Net) -> Result<(), Error> {
     let t = now();
-    n.init(bus)?;
+    n.bring_up(bus)?;
+    let i = n.drv.info();
     check(
-        "nvsp-init",
+        "netvsc-bringup",
         true,
         format_args!(
-            "NVSP 0x{:x}, receive buffer {} KiB in {}",
-            n.version,
-            net::RECV_PAGES * 4,
+            "NVSP 0x{:x}, {} receive sections of {} B, {} send sections of {} B, mac {}, mtu {:?}, link {} in {}",
+            i.nvsp_version,
+            i.recv_section_count,
+            i.recv_section_size,
+            i.send_section_count,
+            i.send_section_size,
+            mac_str(i.mac),
+            i.host_mtu,
+            if i.link_up { "up" } else { "down" },
             Ms(t)
         ),
     );
+    let mac = i.mac;
 
     let t = now();
-    let mac = n.rndis_up()?;
-    check(
-        "rndis-init",
-        true,
-        format_args!(
-            "mac {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} in {}",
-            mac[0],
-            mac[1],
-            mac[2],
-            mac[3],
-            mac[4],
-            mac[5],
-            Ms(t)
-        ),
-    );
-
-    let t = now();
-    n.send_frame(&net::arp_request(mac, net::PEER_IP))?;
-    let reply = n.recv_frame(16, |f| net::arp_reply_from(f, net::PEER_IP).is_some())?;
-    let peer = net::arp_reply_from(&reply, net::PEER_IP).unwrap_or([0; 6]);
+    n.send(&frames::arp_request(mac, frames::PEER_IP))?;
+    let reply = n.recv(16, |f| frames::arp_reply_from(f, frames::PEER_IP).is_some())?;
+    let peer = frames::arp_reply_from(&reply.data, frames::PEER_IP).unwrap_or([0; 6]);
     check(
         "net-arp",
         true,
-        format_args!(
-            "10.0.0.1 is at {:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x} in {}",
-            peer[0],
-            peer[1],
-            peer[2],
-            peer[3],
-            peer[4],
-            peer[5],
-            Ms(t)
-        ),
+        format_args!("10.0.0.1 is at {} in {}", mac_str(peer), Ms(t)),
     );
 
     let t = now();
     let (id, seq) = (0x4b56, 1);
-    n.send_frame(&net::echo_request(mac, peer, id, seq, PING_PAYLOAD))?;
-    let got = n.recv_frame(16, |f| net::is_echo_reply(f, id, seq, PING_PAYLOAD));
+    n.send(&frames::echo_request(mac, peer, id, seq, PING_PAYLOAD))?;
+    let got = n.recv(16, |f| frames::is_echo_reply(f, id, seq, PING_PAYLOAD));
+    let st = n.drv.stats();
     check(
         "net-ping",
         got.is_ok(),
         format_args!(
-            "echo reply from 10.0.0.1, {} bytes, {} rx packets, link status 0x{:x} in {}",
+            "echo reply from 10.0.0.1, {} payload bytes in {}",
             PING_PAYLOAD.len(),
-            n.rx_packets,
-            n.last_status.unwrap_or(0),
             Ms(t)
         ),
     );
+    println!("netvsc stats {st:?} refused={}", n.refused);
     Ok(())
 }
