@@ -4,6 +4,10 @@
 //! - [`storvsc`]: the storage VSC (vstor protocol, SCSI probe, block I/O), sans-IO.
 //! - `harness` (feature `std`): runs storvsc in a host process against a storage VSP over shared
 //!   rings, with the VSP in-process (threads) or in a child process (`vmbus_core::oop`).
+//! - [`netvsc`]: the network VSC (NVSP + RNDIS, Linux `hv_netvsc` bring-up order, send sections /
+//!   GPA direct, transfer-page receive, offload PPIs, link state, multi-queue), sans-IO.
+//! - `net_harness` (feature `std`): runs netvsc in a host process against a network VSP (netvsp in
+//!   the tests) over shared rings, in-process or in a supervised child process, with a smoltcp stack.
 #![cfg_attr(not(feature = "std"), no_std)]
 
 extern crate alloc;

@@ -124,3 +124,23 @@ fn bad_receive_buffer_completions_are_fatal() {
         assert_eq!(drv.state(), DriverState::Failed);
     }
 }
+
+#[test]
+fn halt_sends_rndis_halt_and_revokes_both_buffers() {
+    let (mut h, mut drv) = FakeHost::new();
+    bring_up(&mut h, &mut drv, 1);
+    drv.halt().unwrap();
+    // HALT (req 11): GPA direct from a control page, no RNDIS reply exists.
+    assert_eq!(h.rndis_request(&mut drv), words(&[3, 12, 11]));
+    for want in [nvsp40(&[103, 0xCAFE]), nvsp40(&[106, 0])] {
+        let p = h.take(&mut drv, 0);
+        assert_eq!(p.payload, want);
+        assert!(!p.completion_requested);
+    }
+    assert_eq!(drv.state(), DriverState::Halted);
+    assert!(drv.halt().is_err());
+    assert_eq!(
+        drv.send(0, &[0; 60], &Default::default(), false),
+        Err(vsc_guest::netvsc::SendError::NotReady)
+    );
+}

@@ -64,6 +64,9 @@ fn two_guests_ping_and_move_a_mebibyte_over_tcp() {
     // Back the other way.
     let (got, _) = tcp_transfer(&mut [&mut a, &mut b], 1, 0, IP_A, 5002, &data[..200_000], T);
     assert!(got == data[..200_000]);
+    // Removal as Linux does it: halt, revoke, close, GPADL teardown.
+    a.vm.shutdown().unwrap();
+    b.vm.shutdown().unwrap();
 }
 
 #[test]

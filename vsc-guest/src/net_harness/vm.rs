@@ -57,6 +57,7 @@ impl Default for VmConfig {
 
 struct GuestChannel {
     relid: u32,
+    ring_gpadl: u32,
     chan: NetChannel<MappedRing>,
     kick: Doorbell,
 }
@@ -295,8 +296,15 @@ impl NetVm {
             .try_clone()?;
         let chan = NetChannel::new(index, up, down)
             .map_err(|e| HarnessError::Ring(crate::netvsc::ring::ChannelError::Ring(e)))?;
-        self.channels
-            .insert(index, GuestChannel { relid, chan, kick });
+        self.channels.insert(
+            index,
+            GuestChannel {
+                relid,
+                ring_gpadl: gpadl,
+                chan,
+                kick,
+            },
+        );
         Ok(())
     }
 
@@ -467,6 +475,39 @@ impl NetVm {
                 self.wait(Duration::from_millis(1));
             }
         }
+    }
+
+    /// Removes the NIC the way Linux `netvsc_remove` does: RNDIS HALT and buffer revokes
+    /// ([`Netvsc::halt`]), then every channel closed (sub-channels first), then the buffer and ring
+    /// GPADLs torn down.
+    pub fn shutdown(&mut self) -> Result<(), HarnessError> {
+        self.driver.halt()?;
+        let deadline = Instant::now() + self.cfg.timeout;
+        while self.driver.queued_packets() > 0 {
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout("halt messages into the ring"));
+            }
+            if !self.service()? {
+                self.wait(Duration::from_millis(1));
+            }
+        }
+        let primary = self.primary.ok_or(HarnessError::Bus("no primary".into()))?;
+        let mut gpadls = Vec::new();
+        while let Some((_, c)) = self.channels.pop_last() {
+            Self::bus(self.client.close_channel(c.relid))?;
+            self.pump()?;
+            gpadls.push((c.relid, c.ring_gpadl));
+        }
+        let (recv, send) = self.driver.gpadls();
+        gpadls.extend(recv.into_iter().chain(send).map(|h| (primary, h)));
+        for (relid, handle) in gpadls {
+            Self::bus(self.client.teardown_gpadl(relid, handle))?;
+            self.wait_bus(
+                "GPADL_TORNDOWN",
+                |e| matches!(e, ClientEvent::GpadlTorndown { handle: h } if *h == handle),
+            )?;
+        }
+        Ok(())
     }
 
     /// Relids of the open channels by queue.

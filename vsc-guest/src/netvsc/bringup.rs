@@ -39,6 +39,7 @@ pub(super) enum Phase {
     },
     Ready,
     Failed,
+    Halted,
 }
 
 /// Smallest completion payload Linux accepts per NVSP type (`netvsc_send_completion`).

@@ -288,6 +288,35 @@ impl<M: GuestMemory> Netvsc<M> {
         Ok(())
     }
 
+    /// Tears the device down as Linux `netvsc_remove` does before closing the channel: RNDIS HALT
+    /// (no reply exists), then REVOKE_RECV_BUF and REVOKE_SEND_BUF (no completions). Frames still
+    /// batched are sent first. The embedder then closes the channels and tears down the GPADLs.
+    pub fn halt(&mut self) -> Result<(), NetvscError> {
+        if self.state != DriverState::Ready {
+            return Err(NetvscError::WrongState("halt: not ready"));
+        }
+        for q in 0..self.queue_count() {
+            self.flush(q);
+        }
+        let req = self.req_id();
+        self.send_control(&rndis::halt_request(req))?;
+        self.send_nvsp(
+            NvspMessage::RevokeReceiveBuffer(nvsp::RevokeBuffer {
+                id: nvsp::LINUX_RECEIVE_BUFFER_ID,
+            }),
+            false,
+        );
+        self.send_nvsp(
+            NvspMessage::RevokeSendBuffer(nvsp::RevokeBuffer {
+                id: nvsp::LINUX_SEND_BUFFER_ID,
+            }),
+            false,
+        );
+        self.state = DriverState::Halted;
+        self.phase = Phase::Halted;
+        Ok(())
+    }
+
     /// An RNDIS completion (INITIALIZE_CMPLT, QUERY_CMPLT, SET_CMPLT) from the receive buffer.
     pub(super) fn handle_rndis_reply(&mut self, msg: &RndisMessage<'_>) -> Result<(), NetvscError> {
         let req = match msg {

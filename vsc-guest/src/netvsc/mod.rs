@@ -181,6 +181,8 @@ pub enum DriverState {
     Initializing,
     Ready,
     Failed,
+    /// [`Netvsc::halt`] ran: RNDIS halted, buffers revoked; close the channels next.
+    Halted,
 }
 
 /// What the host granted and told during the bring-up.
