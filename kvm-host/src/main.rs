@@ -74,7 +74,8 @@ struct RunArgs {
         default_value = "console=ttyS0 noxsave clearcpuid=cx16,smap,smep,umip,popcnt mitigations=off"
     )]
     cmdline: String,
-    /// Value passed to a test guest in RCX (0 phase 1, 1 hostile, 2 triple fault).
+    /// Value passed to a test guest in RCX (0 phase 1, 1 hostile, 2 triple fault; 3, VMBus, needs
+    /// the devices `demo` sets up).
     #[arg(long, default_value_t = 0)]
     arg: u64,
     /// Stop after this many seconds (0 = never).

@@ -285,6 +285,16 @@ impl VmbusHost {
         Ok(relid)
     }
 
+    /// Hot-removes the device whose primary channel is `relid`: an open channel is closed in its
+    /// device first, then the guest gets RESCINDCHANNELOFFER. Works while the bus runs.
+    pub fn rescind(&self, relid: u32) {
+        lock(&self.server).rescind(relid);
+        // The bus thread runs the resulting actions (close, message) on its next round.
+        if let Err(e) = self.handler.wake.ring() {
+            tracing::warn!("vmbus: waking the bus thread: {e}");
+        }
+    }
+
     /// Counters.
     pub fn stats(&self) -> BusCounters {
         self.stats.snapshot()
