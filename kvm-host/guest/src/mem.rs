@@ -32,8 +32,7 @@ pub fn used() -> usize {
 /// first; `None` when the heap is exhausted.
 pub fn pages(n: usize) -> Option<u64> {
     let layout = Layout::from_size_align(n.checked_mul(4096)?, 4096).ok()?;
-    // SAFETY: the layout has a non-zero size (n ≥ 1 is checked by the caller's use: n = 0 gives
-    // a zero-size layout, refused here).
+    // A zero-size layout (n = 0) must not reach the allocator.
     if layout.size() == 0 {
         return None;
     }
