@@ -79,6 +79,19 @@ impl HostedDevice for Echo {
         Ok(())
     }
 
+    fn save(&self) -> Vec<u8> {
+        b"echo-v1".to_vec()
+    }
+
+    /// Only its own state is accepted: a restarted VSP that got anything else fails to start.
+    fn restore(&mut self, state: &[u8]) -> Result<(), DeviceError> {
+        if state == b"echo-v1" {
+            Ok(())
+        } else {
+            Err(DeviceError::BadSavedState("not an echo state".into()))
+        }
+    }
+
     fn close(&mut self, relid: u32) {
         if let Some(i) = self.channels.iter().position(|c| c.0 == relid) {
             let (_, stop, t) = self.channels.swap_remove(i);
@@ -169,6 +182,9 @@ fn vsp_killed_repeatedly_guest_sees_every_reply() {
         call.as_fd().try_clone_to_owned().unwrap(),
     )
     .unwrap();
+    // The device's state goes to every restarted VSP before its channels re-open.
+    sup.refresh_state().unwrap();
+    assert_eq!(sup.device_state(), Some(&b"echo-v1"[..]));
 
     // Guest: one thread, a window of outstanding requests, so a single waiter uses the call bell.
     // It runs until told to stop, then waits for its outstanding replies.

@@ -40,6 +40,11 @@ pub struct Supervisor {
     timeout: Duration,
     child: Option<Child>,
     client: Option<VspClient>,
+    /// Device state from the last [`Supervisor::refresh_state`], handed to every new process
+    /// before its channels re-open (e.g. storvsp's negotiated protocol version).
+    device_state: Option<Vec<u8>>,
+    /// Sub-channel counts the VSP asked for that the VMM has not collected yet.
+    subchannel_requests: Vec<u16>,
     /// Time from noticing a dead VSP to every channel re-opened, per restart.
     pub restarts: Vec<Duration>,
 }
@@ -59,6 +64,8 @@ impl Supervisor {
             timeout,
             child: None,
             client: None,
+            device_state: None,
+            subchannel_requests: Vec::new(),
             restarts: Vec::new(),
         };
         s.spawn()?;
@@ -76,6 +83,9 @@ impl Supervisor {
         let mut client = VspClient::connect(ours, Some(self.timeout))?;
         let table: Vec<_> = self.memory.iter().map(|(r, f)| (*r, f.as_fd())).collect();
         client.set_memory(&table)?;
+        if let Some(state) = &self.device_state {
+            client.restore(state)?;
+        }
         for ch in self.channels.values() {
             client.open(&ch.info, ch.kick.as_fd(), ch.call.as_fd())?;
         }
@@ -96,6 +106,7 @@ impl Supervisor {
             Some(c) => c.open(&ch.info, ch.kick.as_fd(), ch.call.as_fd()),
             None => Ok(()),
         };
+        self.collect_requests();
         match result {
             Ok(()) => {
                 self.channels.insert(relid, ch);
@@ -124,6 +135,45 @@ impl Supervisor {
                 self.restart()
             }
         }
+    }
+
+    /// Fetches the device's state from the running VSP and keeps it for restarts. Call it once the
+    /// guest has set the device up (and whenever that setup changes); a restarted VSP then resumes
+    /// the guest's session instead of expecting a fresh handshake.
+    pub fn refresh_state(&mut self) -> Result<(), SupervisorError> {
+        let Some(client) = self.client.as_mut() else {
+            return Ok(());
+        };
+        match client.save() {
+            Ok(state) => {
+                self.device_state = Some(state);
+                self.collect_requests();
+                Ok(())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "VSP failed to save its state; restarting");
+                self.restart()
+            }
+        }
+    }
+
+    /// The state kept for restarts.
+    pub fn device_state(&self) -> Option<&[u8]> {
+        self.device_state.as_deref()
+    }
+
+    fn collect_requests(&mut self) {
+        if let Some(c) = self.client.as_mut() {
+            self.subchannel_requests
+                .extend(c.take_subchannel_requests());
+        }
+    }
+
+    /// Sub-channel counts the VSP's device asked the bus for (the VMM offers them through its
+    /// VMBus server's `add_subchannels`).
+    pub fn take_subchannel_requests(&mut self) -> Vec<u16> {
+        self.collect_requests();
+        std::mem::take(&mut self.subchannel_requests)
     }
 
     /// Whether the process is running (not exited).

@@ -68,20 +68,7 @@ impl VspClient {
         loop {
             let (msg, _) = self.conn.recv(self.timeout)?;
             match msg {
-                Message::OfferSubchannels { count } => {
-                    if self.subchannel_requests.len() >= 64 {
-                        return Err(ProtocolError::Invalid("sub-channel request flood").into());
-                    }
-                    self.subchannel_requests.push(count);
-                    self.conn.send(
-                        &Message::Reply {
-                            request: ty::OFFER_SUBCHANNELS,
-                            relid: 0,
-                            status: 0,
-                        },
-                        &[],
-                    )?;
-                }
+                Message::OfferSubchannels { count } => self.note_subchannel_request(count)?,
                 Message::Reply {
                     request: r,
                     relid: id,
@@ -100,6 +87,22 @@ impl VspClient {
                 _ => return Err(ProtocolError::Unexpected("reply to another request").into()),
             }
         }
+    }
+
+    fn note_subchannel_request(&mut self, count: u16) -> Result<(), VmmError> {
+        if self.subchannel_requests.len() >= 64 {
+            return Err(ProtocolError::Invalid("sub-channel request flood").into());
+        }
+        self.subchannel_requests.push(count);
+        self.conn.send(
+            &Message::Reply {
+                request: ty::OFFER_SUBCHANNELS,
+                relid: 0,
+                status: 0,
+            },
+            &[],
+        )?;
+        Ok(())
     }
 
     /// Sends the guest memory table (one fd per region).
@@ -144,10 +147,13 @@ impl VspClient {
 
     pub fn save(&mut self) -> Result<Vec<u8>, VmmError> {
         self.conn.send(&Message::Save, &[])?;
-        let (msg, _) = self.conn.recv(self.timeout)?;
-        match msg {
-            Message::State { state } => Ok(state),
-            _ => Err(ProtocolError::Unexpected("reply to Save").into()),
+        loop {
+            let (msg, _) = self.conn.recv(self.timeout)?;
+            match msg {
+                Message::State { state } => return Ok(state),
+                Message::OfferSubchannels { count } => self.note_subchannel_request(count)?,
+                _ => return Err(ProtocolError::Unexpected("reply to Save").into()),
+            }
         }
     }
 
