@@ -40,6 +40,8 @@ pub enum StorageHosting {
 pub struct DemoConfig {
     /// The test guest ELF.
     pub guest: PathBuf,
+    /// Its scenario: [`testguest::MODE_VMBUS`] (the demo) or [`testguest::MODE_VMBUS_HOSTILE`].
+    pub scenario: u64,
     pub mem_bytes: u64,
     pub vcpus: u32,
     /// Disk image (`.vhd` = VHD, else raw) for LUN 0.
@@ -167,7 +169,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoOutcome, DemoError> {
         serial: sink,
         ..PartitionConfig::default()
     })?;
-    p.load_test_guest(&cfg.guest, testguest::MODE_VMBUS)?;
+    p.load_test_guest(&cfg.guest, cfg.scenario)?;
     let ram = p.ram().clone();
     let mut bus = VmbusHost::new(p.synic().clone(), ram.clone(), cfg.vcpus)?;
 

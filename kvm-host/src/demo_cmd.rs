@@ -102,6 +102,7 @@ fn run(a: &DemoArgs) -> Result<DemoOutcome> {
     };
     let cfg = DemoConfig {
         guest: guest.clone(),
+        scenario: testguest::MODE_VMBUS,
         mem_bytes: mem_bytes(a.mem)?,
         vcpus: a.cpus,
         disk: disk.clone(),

@@ -3,7 +3,8 @@
 //!
 //! The guest reports each step on COM1 as `ok <step> [detail]` or `FAIL <step> <detail>`, ends with
 //! `done`, and writes its status to [`crate::EXIT_PORT`] (0 = every step passed). RCX selects the
-//! scenario ([`MODE_PHASE1`], [`MODE_HOSTILE`], [`MODE_TRIPLE_FAULT`], [`MODE_VMBUS`]).
+//! scenario ([`MODE_PHASE1`], [`MODE_HOSTILE`], [`MODE_TRIPLE_FAULT`], [`MODE_VMBUS`],
+//! [`MODE_VMBUS_HOSTILE`]).
 //!
 //! The host side for the phase-1 scenario is [`install_echo`] (an [`EchoHandler`] on two registered
 //! test ports) plus [`queue_welcome`] (two SynIC messages queued before the guest enables its
@@ -50,6 +51,21 @@ pub const PHASE1_STEPS: &[&str] = &[
     "synic-echo",
     "synic-event",
     "emulator-quirks",
+];
+
+/// Scenario: a guest that misuses VMBus (malformed messages, GPADL outside RAM, refused opens, a
+/// corrupted ring, a signal flood, UNLOAD with a channel open); the host must keep serving it.
+pub const MODE_VMBUS_HOSTILE: u64 = 4;
+
+/// Steps of the VMBus hostile scenario (after `hv-setup`, `vmbus-connect`, `vmbus-offers`).
+pub const VMBUS_HOSTILE_STEPS: &[&str] = &[
+    "garbage-messages",
+    "gpadl-outside-ram",
+    "open-refused",
+    "ring-corruption",
+    "reopen-after-corruption",
+    "signal-flood",
+    "unload-with-open-channel",
 ];
 
 /// Steps of the VMBus scenario that need only the bus.

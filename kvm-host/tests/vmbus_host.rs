@@ -290,5 +290,8 @@ fn bus_bridges_events_opens_refuses_rescinds_and_unloads() {
     assert_eq!(st.kicks, 1);
     assert!(st.interrupts >= 1);
     assert!(st.refused >= 1, "the bad GPADL is refused: {st:?}");
-    assert!(st.messages_in >= 10 && st.messages_out > st.messages_in, "{st:?}");
+    assert!(
+        st.messages_in >= 10 && st.messages_out > st.messages_in,
+        "{st:?}"
+    );
 }

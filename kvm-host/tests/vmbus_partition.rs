@@ -53,11 +53,16 @@ impl Drop for TempDir {
 }
 
 fn boot(disk: &Path, storage: StorageHosting, vcpus: u32) -> DemoOutcome {
+    boot_scenario(testguest::MODE_VMBUS, disk, storage, vcpus)
+}
+
+fn boot_scenario(scenario: u64, disk: &Path, storage: StorageHosting, vcpus: u32) -> DemoOutcome {
     let _one = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let o = demo::run(&DemoConfig {
         guest: guest(),
+        scenario,
         mem_bytes: 64 << 20,
         vcpus,
         disk: disk.to_path_buf(),
@@ -238,4 +243,43 @@ fn vmbus_guest_with_storvsp_in_a_vsp_process_on_a_raw_image() {
             .starts_with("65536 blocks of 512 bytes (32 MiB)")
     );
     check_disk(&o, &disk);
+}
+
+#[test]
+fn vmbus_hostile_guest_is_refused_and_still_served() {
+    if !kvm_or_skip("vmbus_hostile_guest_is_refused_and_still_served") {
+        return;
+    }
+    let dir = TempDir::new("hostile");
+    let disk = dir.0.join("disk.img");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(8 << 20)
+        .unwrap();
+    let o = boot_scenario(
+        testguest::MODE_VMBUS_HOSTILE,
+        &disk,
+        StorageHosting::InProcess,
+        1,
+    );
+    eprintln!("{}", o.serial);
+    let t = &o.transcript;
+    let mut expected: Vec<&str> = testguest::VMBUS_STEPS[..3].to_vec();
+    expected.extend_from_slice(testguest::VMBUS_HOSTILE_STEPS);
+    let order: Vec<&str> = t.ok.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(order, expected, "\n{}", o.serial);
+    assert!(t.failed.is_empty() && t.done, "{}", o.serial);
+    assert_eq!(o.run.reason, ExitReason::ExitPort(0), "{}", o.serial);
+    assert!(
+        t.detail("reopen-after-corruption")
+            .unwrap()
+            .contains("(16384 blocks)"),
+        "{}",
+        o.serial
+    );
+    // Three junk messages, the bad GPADL, two bad opens (at least) were refused by the server;
+    // the device saw two opens (corrupted, re-opened) and closed both (close, UNLOAD).
+    assert!(o.bus.refused >= 6, "{:?}", o.bus);
+    assert_eq!((o.bus.opens, o.bus.closes), (2, 2), "{:?}", o.bus);
+    assert!(o.bus.kicks >= 200, "{:?}", o.bus);
 }

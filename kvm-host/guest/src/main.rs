@@ -1,7 +1,7 @@
 //! kvm-host's bare-metal test guest.
 //!
 //! Entered in 64-bit mode on every VP with RDI = VP index, RDX = VP count, RCX = scenario (0 phase 1,
-//! 1 hostile, 2 triple fault, 3 VMBus end to end). VP 0
+//! 1 hostile, 2 triple fault, 3 VMBus end to end, 4 VMBus hostile). VP 0
 //! runs the scenario and reports each step on COM1 (`ok <step> …` / `FAIL <step> …`), then writes
 //! the number of failures to the exit port. Other VPs record their VP index and halt.
 //!
@@ -22,6 +22,7 @@ mod net;
 mod phase1;
 mod phase2;
 mod storage;
+mod vmbus_hostile;
 
 use core::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
@@ -88,6 +89,7 @@ extern "C" fn guest_main(vp: u64, _zero_page: u64, vp_count: u64, mode: u64) -> 
         0 => phase1::run(vp_count),
         1 => hostile::run(),
         3 => phase2::run(),
+        4 => vmbus_hostile::run(),
         2 => {
             println!("triple fault now");
             arch::load_null_idt();

@@ -25,7 +25,7 @@ const TEST_BYTES: u32 = 4096;
 const PING_PAYLOAD: &[u8] = b"kvm-test-guest ping over netvsc";
 
 /// Milliseconds since `t0` (TIME_REF_COUNT units of 100 ns).
-struct Ms(u64);
+pub struct Ms(pub u64);
 
 impl fmt::Display for Ms {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -65,7 +65,9 @@ fn fail(step: &str, e: Error) {
     check(step, false, format_args!("{e}"));
 }
 
-pub fn run() {
+/// Hypercalls, SynIC, VMBus connect and offers (steps `hv-setup`, `vmbus-connect`,
+/// `vmbus-offers`). `None` when a step failed.
+pub fn connect() -> Option<(Bus, alloc::vec::Vec<OfferInfo>)> {
     mem::init();
     let t = now();
     let hc = hv::enable_hypercalls();
@@ -88,7 +90,7 @@ pub fn run() {
             false,
             format_args!("client refused to connect"),
         );
-        return;
+        return None;
     }
     match bus.wait(|e| {
         matches!(
@@ -110,14 +112,14 @@ pub fn run() {
                 false,
                 format_args!("host refused every version"),
             );
-            return;
+            return None;
         }
     }
 
     let t = now();
     if bus.client.request_offers().is_err() {
         check("vmbus-offers", false, format_args!("REQUESTOFFERS refused"));
-        return;
+        return None;
     }
     bus.wait(|e| matches!(e, ClientEvent::AllOffersDelivered));
     let offers: alloc::vec::Vec<OfferInfo> = bus.client.offers().copied().collect();
@@ -136,7 +138,13 @@ pub fn run() {
         !offers.is_empty(),
         format_args!("{} offer(s) in {}", offers.len(), Ms(t)),
     );
+    Some((bus, offers))
+}
 
+pub fn run() {
+    let Some((mut bus, offers)) = connect() else {
+        return;
+    };
     // (relid, ring GPADL) of every channel opened, for the teardown.
     let mut open = alloc::vec::Vec::new();
     match offers.iter().find(|o| o.class_id == class::SCSI) {
