@@ -5,7 +5,12 @@
 //! - [`partition::Partition`]: build a VM, load an image, [`partition::Partition::run`] it.
 //! - [`synic::Synic`] + [`synic::SynicHandler`]: where the VMBus host server plugs in — it receives
 //!   `HvPostMessage` / `HvSignalEvent` from the guest and answers with
-//!   [`synic::Synic::post_to_guest`] / [`synic::Synic::signal_guest`].
+//!   [`synic::HostPort::post_to_guest`] / [`synic::HostPort::signal_guest`].
+//! - [`vmbus::VmbusHost`]: vmbus-core's host `Server` on that SynIC, with the devices behind the
+//!   channels (in process, or in supervised VSP processes) and the kick / call eventfd bridges.
+//! - [`devices`]: the storage controller (storvsp on a raw image or VHD) and the NIC (netvsp on a
+//!   virtual switch with a host endpoint that answers ARP and ping).
+//! - [`demo`]: the demo partition (`kvm-host demo`) and [`rss`], its memory accounting.
 //! - [`testguest`]: the bare-metal Rust test guest (built from `kvm-host/guest`) and its host side.
 
 pub mod acpi;

@@ -75,7 +75,7 @@ pub trait BusDevice: Send {
     fn close(&mut self, relid: u32);
     /// Called about every 100 ms on the bus thread (restart a dead VSP process, ...).
     fn service(&mut self) {}
-    /// "in-process" or "VSP process <pid>".
+    /// `in-process` or `VSP process <pid>`.
     fn hosting(&self) -> String {
         "in-process".into()
     }

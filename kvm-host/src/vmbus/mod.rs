@@ -1,10 +1,10 @@
 //! VMBus in a partition: vmbus-core's host [`Server`] driven through the partition's SynIC, and the
 //! devices (VSPs) behind its channels.
 //!
-//! - Guest → host messages: `HvPostMessage` to connection id 1 or 4 reaches [`BusHandler`] on the
-//!   vCPU thread (a [`SynicHandler`]), which queues it (bounded: a full queue answers
+//! - Guest → host messages: `HvPostMessage` to connection id 1 or 4 reaches the bus's
+//!   [`SynicHandler`] on the vCPU thread, which queues it (bounded: a full queue answers
 //!   `HV_STATUS_INSUFFICIENT_BUFFERS`, the guest retries) and wakes the bus thread.
-//! - The bus thread ([`server`]): message → [`Server::handle_message`] → [`Server::poll_action`]:
+//! - The bus thread: message → [`Server::handle_message`] → [`Server::poll_action`]:
 //!   `Send` goes to [`HostPort::post_to_guest`] (held and retried while the (VP, SINT) queue is
 //!   full), `Open` maps the ring GPADL from guest RAM and hands the channel to its device
 //!   ([`BusDevice`]), `Close` / `Reset` close it in the device.
@@ -12,7 +12,8 @@
 //!   *kick* eventfd directly on the vCPU thread (no thread hop), like an ioeventfd.
 //! - Device → guest interrupts: the bus thread polls every open channel's *call* eventfd and turns
 //!   each ring into [`HostPort::signal_guest`] (SINT 2, event flag = relid) on the channel's target
-//!   VP, like an irqfd.
+//!   VP, like an irqfd. (A KVM irqfd cannot do this by itself: the SynIC's event flag must be set
+//!   in guest memory before the vector is raised, and this KVM has no in-kernel SynIC.)
 //!
 //! Devices run in process ([`device::Hosted`] for any [`vmbus_core::oop::HostedDevice`],
 //! [`device::NetvspDevice`]) or in a VSP process ([`device::OutOfProcess`], through
