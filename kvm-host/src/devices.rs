@@ -117,6 +117,9 @@ pub fn storage_out_of_process(
     disk: &Path,
     ram: &GuestRam,
 ) -> Result<OutOfProcess, DeviceSetupError> {
+    // Opened here once too, so a bad path or image fails with its own message rather than as a
+    // VSP process that exits at once.
+    drop(open_disk(disk)?);
     let (exe, disk) = (exe.to_path_buf(), disk.to_path_buf());
     let memory = memory_table(ram).map_err(DeviceSetupError::Memory)?;
     let sup = Supervisor::start(
