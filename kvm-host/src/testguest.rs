@@ -196,8 +196,28 @@ pub const GUEST_RUSTFLAGS: &[&str] = &[
     "relocation-model=static",
 ];
 
+/// Makes sure the guest's Rust target is installed (a fresh machine has only the host target).
+/// Best effort: without rustup the build below reports the missing target itself.
+fn ensure_guest_target() {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .any(|l| l.trim() == "x86_64-unknown-none")
+        });
+    if let Ok(false) = installed {
+        tracing::info!("installing the x86_64-unknown-none target for the test guest");
+        let _ = Command::new("rustup")
+            .args(["target", "add", "x86_64-unknown-none"])
+            .status();
+    }
+}
+
 /// Builds the test guest in release mode; returns the ELF path.
 pub fn build_guest(target_dir: &Path) -> Result<PathBuf, GuestBuildError> {
+    ensure_guest_target();
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
     let out = Command::new(cargo)
         .args([
