@@ -60,6 +60,24 @@ impl PacketInfo {
     }
 }
 
+/// Why [`RingReader::commit_to`] failed.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum CommitError {
+    /// The local caller named a position outside the consumed span; nothing was published and
+    /// the ring stays usable.
+    #[error(
+        "commit position {pos:#x} is not between read_index {read_index:#x} and the read position {next:#x}"
+    )]
+    BadPosition {
+        pos: u32,
+        read_index: u32,
+        next: u32,
+    },
+    /// The ring itself failed (the peer misbehaved, or the ring was already broken).
+    #[error(transparent)]
+    Ring(#[from] RingError),
+}
+
 /// The reading half of one ring.
 pub struct RingReader<M: RingMem> {
     mem: M,
@@ -257,15 +275,54 @@ impl<M: RingMem> RingReader<M> {
         if self.broken {
             return Err(RingError::Broken);
         }
-        if self.next == self.read_index {
+        self.publish(self.next)
+    }
+
+    /// Publishes part of the consumed packets: `read_index` becomes `pos`, which must lie in ring
+    /// order between the published `read_index` and the private read position (both inclusive),
+    /// normally the [`end`](IncomingPacket::end_position) of a consumed packet. Packets after `pos`
+    /// stay consumed (reading goes on after them) but their space is not returned to the writer;
+    /// if this side goes away, whoever attaches to the ring next reads them again. Signals exactly as
+    /// [`Self::commit`]. A position outside that span is refused and changes nothing.
+    pub fn commit_to(&mut self, pos: u32) -> Result<bool, CommitError> {
+        if self.broken {
+            return Err(CommitError::Ring(RingError::Broken));
+        }
+        if pos >= self.size
+            || !pos.is_multiple_of(8)
+            || self.distance(self.read_index, pos) > self.distance(self.read_index, self.next)
+        {
+            return Err(CommitError::BadPosition {
+                pos,
+                read_index: self.read_index,
+                next: self.next,
+            });
+        }
+        Ok(self.publish(pos)?)
+    }
+
+    /// Private read position: where the next packet starts; packets before it are consumed.
+    pub fn position(&self) -> u32 {
+        self.next
+    }
+
+    /// Data offset just after `info`'s packet (trailer included), wrapping.
+    pub fn position_after(&self, info: &PacketInfo) -> u32 {
+        self.advance(info.start, info.footprint())
+    }
+
+    /// Stores `read_index = pos` (already validated: between `read_index` and `next`) and makes the
+    /// Linux signalling decision (`hv_pkt_iter_close`).
+    fn publish(&mut self, pos: u32) -> Result<bool, RingError> {
+        if pos == self.read_index {
             return Ok(false);
         }
         let start = self.read_index;
         // Release: every read of the consumed bytes completes before the writer may reuse them.
         self.mem
             .control(ControlWord::ReadIndex)
-            .store(self.next, Ordering::Release);
-        self.read_index = self.next;
+            .store(pos, Ordering::Release);
+        self.read_index = pos;
         let feat = self
             .mem
             .control(ControlWord::FeatureBits)
@@ -344,6 +401,17 @@ impl<M: RingMem> IncomingPacket<'_, M> {
         self.info.payload_len()
     }
 
+    /// Data offset of the packet's descriptor.
+    pub fn start_position(&self) -> u32 {
+        self.info.start
+    }
+
+    /// Data offset just after the packet (trailer included): the read position once it is
+    /// consumed, and what to pass to [`RingReader::commit_to`] to release it.
+    pub fn end_position(&self) -> u32 {
+        self.reader.position_after(&self.info)
+    }
+
     /// Copies `dst.len()` payload bytes starting at `offset` straight out of the ring.
     pub fn copy_payload(&self, offset: usize, dst: &mut [u8]) -> Result<(), PayloadBounds> {
         let payload_len = self.payload_len();
@@ -396,8 +464,7 @@ impl<M: RingMem> IncomingPacket<'_, M> {
 
     /// Marks the packet consumed; the space returns to the writer at the next [`RingReader::commit`].
     pub fn consume(self) {
-        let footprint = self.info.footprint();
-        self.reader.next = self.reader.advance(self.info.start, footprint);
+        self.reader.next = self.reader.position_after(&self.info);
     }
 }
 
