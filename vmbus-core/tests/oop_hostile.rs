@@ -7,7 +7,7 @@ use ringbuf::signal::Doorbell;
 use std::os::fd::AsFd;
 use std::time::Duration;
 use vmbus_core::device::{ChannelControl, DeviceError, OpenChannelInfo};
-use vmbus_core::oop::wire::{ChannelOpen, ty};
+use vmbus_core::oop::wire::{ChannelOpen, GpadlInfo, ty};
 use vmbus_core::oop::{
     ChannelResources, Connection, HostedDevice, Message, ProtocolError, Region, ServeError,
     VmmError, VspClient, serve,
@@ -104,6 +104,38 @@ fn vsp_refuses_bad_memory_tables_and_rings_outside_memory() {
     vmm.send(&open((0..8).collect(), 4), &[kick.as_fd(), call.as_fd()])
         .unwrap();
     assert_eq!(reply_status(&vmm, ty::OPEN), 0);
+    // GPADLs: outside guest memory, ranges not covering the PFNs, a good one, a duplicate handle,
+    // revoking it twice.
+    let gpadl = |handle, ranges: Vec<(u32, u32, u32)>, pfns: Vec<u64>| {
+        Message::Gpadl(GpadlInfo {
+            relid: 1,
+            handle,
+            ranges,
+            pfns,
+        })
+    };
+    for bad in [
+        gpadl(7, vec![(0, 8192, 2)], vec![300, 301]),
+        gpadl(7, vec![(0, 8192, 2)], vec![10]),
+        gpadl(7, vec![(4096, 1, 1)], vec![10]),
+        gpadl(7, vec![], vec![]),
+    ] {
+        vmm.send(&bad, &[]).unwrap();
+        assert_ne!(reply_status(&vmm, ty::GPADL), 0);
+    }
+    vmm.send(
+        &gpadl(7, vec![(0, 8192, 2), (100, 50, 1)], vec![10, 11, 12]),
+        &[],
+    )
+    .unwrap();
+    assert_eq!(reply_status(&vmm, ty::GPADL), 0);
+    vmm.send(&gpadl(7, vec![(0, 4096, 1)], vec![13]), &[])
+        .unwrap();
+    assert_ne!(reply_status(&vmm, ty::GPADL), 0);
+    vmm.send(&Message::GpadlRevoke { handle: 7 }, &[]).unwrap();
+    assert_eq!(reply_status(&vmm, ty::GPADL_REVOKE), 0);
+    vmm.send(&Message::GpadlRevoke { handle: 7 }, &[]).unwrap();
+    assert_ne!(reply_status(&vmm, ty::GPADL_REVOKE), 0);
     // A second open of the same relid, a close of an unknown one.
     vmm.send(&open((8..16).collect(), 4), &[kick.as_fd(), call.as_fd()])
         .unwrap();

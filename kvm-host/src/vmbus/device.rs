@@ -156,6 +156,7 @@ impl<D: HostedDevice + Send> BusDevice for Hosted<D> {
             outgoing,
             kick: ch.kick,
             call: ch.call,
+            gpadls: Default::default(),
         };
         self.device.open(res, &mut NoSubchannels)
     }

@@ -14,7 +14,10 @@
 //!    (interrupt the guest). The VSP maps both rings from the ring pages (control page first, data
 //!    pages twice for wrap-around) and hands them to its device ([`HostedDevice`]). Ring positions
 //!    live in the rings' control pages, so a restarted VSP continues where the old one stopped.
-//! 4. `Close {relid}`, `Retarget`, `Save` / `State`, `Restore`; VSP → VMM `OfferSubchannels`.
+//! 4. `Gpadl {relid, handle, ranges, pfns}` / `GpadlRevoke {handle}`: the GPADLs of the VSP's
+//!    channels other than rings (netvsp's receive and send buffers), validated against guest memory
+//!    and shared with the device ([`GpadlTable`]).
+//! 5. `Close {relid}`, `Retarget`, `Save` / `State`, `Restore`; VSP → VMM `OfferSubchannels`.
 //!
 //! Every request is answered by `Reply {request, relid, status}`. Each side validates everything it
 //! receives; a peer that breaks the protocol is disconnected (the VMM then restarts the VSP).
@@ -30,5 +33,5 @@ pub use regions::{GuestRegions, RegionError};
 pub use socket::{Connection, RecvError};
 pub use supervisor::{SOCKET_FD_ENV, Supervisor, SupervisorError, connection_from_env};
 pub use vmm::{VmmError, VspClient};
-pub use vsp::{ChannelResources, HostedDevice, ServeError, serve};
+pub use vsp::{ChannelResources, GpadlTable, HostedDevice, ServeError, serve};
 pub use wire::{Message, ProtocolError, Region};

@@ -37,6 +37,7 @@ pub struct Supervisor {
     command: Box<dyn FnMut() -> Command + Send>,
     memory: Vec<(Region, OwnedFd)>,
     channels: BTreeMap<u32, OpenChannel>,
+    gpadls: BTreeMap<u32, crate::gpadl::Gpadl>,
     timeout: Duration,
     child: Option<Child>,
     client: Option<VspClient>,
@@ -61,6 +62,7 @@ impl Supervisor {
             command: Box::new(command),
             memory,
             channels: BTreeMap::new(),
+            gpadls: BTreeMap::new(),
             timeout,
             child: None,
             client: None,
@@ -85,6 +87,9 @@ impl Supervisor {
         client.set_memory(&table)?;
         if let Some(state) = &self.device_state {
             client.restore(state)?;
+        }
+        for g in self.gpadls.values() {
+            client.add_gpadl(g)?;
         }
         for ch in self.channels.values() {
             client.open(&ch.info, ch.kick.as_fd(), ch.call.as_fd())?;
@@ -118,6 +123,40 @@ impl Supervisor {
                 // The VSP broke: restart it with the channel included.
                 tracing::warn!(error = %e, "VSP failed during open; restarting");
                 self.channels.insert(relid, ch);
+                self.restart()
+            }
+        }
+    }
+
+    /// Forwards a GPADL to the VSP and remembers it for restarts.
+    pub fn add_gpadl(&mut self, g: crate::gpadl::Gpadl) -> Result<(), SupervisorError> {
+        let result = match self.client.as_mut() {
+            Some(c) => c.add_gpadl(&g),
+            None => Ok(()),
+        };
+        match result {
+            Ok(()) => {
+                self.gpadls.insert(g.handle, g);
+                Ok(())
+            }
+            Err(e @ VmmError::Refused { .. }) => Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "VSP failed taking a GPADL; restarting");
+                self.gpadls.insert(g.handle, g);
+                self.restart()
+            }
+        }
+    }
+
+    /// Revokes a GPADL in the VSP and forgets it.
+    pub fn remove_gpadl(&mut self, handle: u32) -> Result<(), SupervisorError> {
+        if self.gpadls.remove(&handle).is_none() {
+            return Ok(());
+        }
+        match self.client.as_mut().map(|c| c.remove_gpadl(handle)) {
+            Some(Err(VmmError::Refused { .. })) | Some(Ok(())) | None => Ok(()),
+            Some(Err(e)) => {
+                tracing::warn!(error = %e, "VSP failed revoking a GPADL; restarting");
                 self.restart()
             }
         }

@@ -134,6 +134,28 @@ impl VspClient {
         self.wait_reply(ty::OPEN, info.relid)
     }
 
+    /// Forwards a complete GPADL of one of the VSP's channels (replied by handle).
+    pub fn add_gpadl(&mut self, g: &crate::gpadl::Gpadl) -> Result<(), VmmError> {
+        let info = super::wire::GpadlInfo {
+            relid: g.relid,
+            handle: g.handle,
+            ranges: g
+                .ranges
+                .iter()
+                .map(|r| (r.byte_offset, r.byte_count, r.pfn_count as u32))
+                .collect(),
+            pfns: g.pfns.clone(),
+        };
+        self.conn.send(&Message::Gpadl(info), &[])?;
+        self.wait_reply(ty::GPADL, g.handle)
+    }
+
+    /// Revokes a forwarded GPADL; when this returns the VSP no longer uses its pages.
+    pub fn remove_gpadl(&mut self, handle: u32) -> Result<(), VmmError> {
+        self.conn.send(&Message::GpadlRevoke { handle }, &[])?;
+        self.wait_reply(ty::GPADL_REVOKE, handle)
+    }
+
     pub fn close(&mut self, relid: u32) -> Result<(), VmmError> {
         self.conn.send(&Message::Close { relid }, &[])?;
         self.wait_reply(ty::CLOSE, relid)

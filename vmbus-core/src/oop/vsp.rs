@@ -2,13 +2,74 @@
 
 use super::regions::GuestRegions;
 use super::socket::{Connection, RecvError};
-use super::wire::{ChannelOpen, FEATURES, Message, PROTOCOL_VERSION, ProtocolError, ty};
+use super::wire::{ChannelOpen, FEATURES, GpadlInfo, Message, PROTOCOL_VERSION, ProtocolError, ty};
 use crate::device::{ChannelControl, DeviceError, OpenChannelInfo};
+use crate::gpadl::{Gpadl, GpadlRange};
 use ringbuf::mmap::MappedRing;
 use ringbuf::signal::Doorbell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
+
+/// The GPADLs the VMM forwarded (validated against guest memory), shared with the device: what it
+/// looks buffers up in when the guest names them by handle (netvsp's receive and send buffers).
+#[derive(Debug, Default)]
+pub struct GpadlTable(RwLock<BTreeMap<u32, Gpadl>>);
+
+impl GpadlTable {
+    /// A copy of GPADL `handle`, if the VMM forwarded it and has not revoked it.
+    pub fn get(&self, handle: u32) -> Option<Gpadl> {
+        self.0.read().ok()?.get(&handle).cloned()
+    }
+
+    /// Adds a GPADL (in-process hosts fill the table themselves); `false` if the handle is taken.
+    pub fn insert(&self, g: Gpadl) -> bool {
+        match self.0.write() {
+            Ok(mut m) if !m.contains_key(&g.handle) => {
+                m.insert(g.handle, g);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    pub fn remove(&self, handle: u32) -> bool {
+        self.0
+            .write()
+            .is_ok_and(|mut m| m.remove(&handle).is_some())
+    }
+}
+
+/// Checks a forwarded GPADL: ranges allowed and covering exactly the PFNs, every page guest RAM.
+fn validate_gpadl(g: GpadlInfo, memory: &GuestRegions) -> Option<Gpadl> {
+    let mut ranges = Vec::with_capacity(g.ranges.len());
+    let mut first = 0usize;
+    for &(byte_offset, byte_count, n) in &g.ranges {
+        let needed = (u64::from(byte_offset) + u64::from(byte_count)).div_ceil(4096);
+        if byte_count == 0 || byte_offset >= 4096 || needed != u64::from(n) {
+            return None;
+        }
+        ranges.push(GpadlRange {
+            byte_offset,
+            byte_count,
+            first_pfn: first,
+            pfn_count: n as usize,
+        });
+        first = first.checked_add(n as usize)?;
+    }
+    if g.ranges.is_empty()
+        || first != g.pfns.len()
+        || g.pfns.iter().any(|&p| memory.page_source(p).is_none())
+    {
+        return None;
+    }
+    Some(Gpadl {
+        handle: g.handle,
+        relid: g.relid,
+        ranges,
+        pfns: g.pfns,
+    })
+}
 
 /// Everything a device needs to serve one open channel in a VSP process.
 pub struct ChannelResources {
@@ -22,6 +83,8 @@ pub struct ChannelResources {
     pub kick: Doorbell,
     /// Ring it to interrupt the guest: data in `outgoing` or space in `incoming`.
     pub call: Doorbell,
+    /// GPADLs the VMM forwarded for this VSP's channels (shared by all of them).
+    pub gpadls: Arc<GpadlTable>,
 }
 
 /// A device hosted in a VSP process.
@@ -102,6 +165,7 @@ pub fn serve(conn: &Connection, device: &mut dyn HostedDevice) -> Result<(), Ser
     )?;
     let mut memory: Option<Arc<GuestRegions>> = None;
     let mut open: BTreeSet<u32> = BTreeSet::new();
+    let gpadls = Arc::new(GpadlTable::default());
     loop {
         let (msg, fds) = match conn.recv(None) {
             Ok(m) => m,
@@ -139,7 +203,7 @@ pub fn serve(conn: &Connection, device: &mut dyn HostedDevice) -> Result<(), Ser
             Message::Open(o) => {
                 let relid = o.relid;
                 let status = match (&memory, open.contains(&relid)) {
-                    (Some(mem), false) => match open_channel(mem, o, fds, conn, device) {
+                    (Some(mem), false) => match open_channel(mem, &gpadls, o, fds, conn, device) {
                         Ok(()) => {
                             open.insert(relid);
                             status::OK
@@ -158,6 +222,23 @@ pub fn serve(conn: &Connection, device: &mut dyn HostedDevice) -> Result<(), Ser
                     status::BAD_REQUEST
                 };
                 conn.send(&reply(ty::CLOSE, relid, status), &[])?;
+            }
+            Message::Gpadl(g) => {
+                let handle = g.handle;
+                let ok = memory
+                    .as_ref()
+                    .and_then(|m| validate_gpadl(g, m))
+                    .is_some_and(|g| gpadls.insert(g));
+                let status = if ok { status::OK } else { status::BAD_REQUEST };
+                conn.send(&reply(ty::GPADL, handle, status), &[])?;
+            }
+            Message::GpadlRevoke { handle } => {
+                let status = if gpadls.remove(handle) {
+                    status::OK
+                } else {
+                    status::BAD_REQUEST
+                };
+                conn.send(&reply(ty::GPADL_REVOKE, handle, status), &[])?;
             }
             Message::Retarget { relid, target_vp } => {
                 if open.contains(&relid) {
@@ -190,6 +271,7 @@ pub fn serve(conn: &Connection, device: &mut dyn HostedDevice) -> Result<(), Ser
 
 fn open_channel(
     memory: &Arc<GuestRegions>,
+    gpadls: &Arc<GpadlTable>,
     o: ChannelOpen,
     fds: Vec<OwnedFd>,
     conn: &Connection,
@@ -227,6 +309,7 @@ fn open_channel(
         outgoing,
         kick: Doorbell::from_fd(kick),
         call: Doorbell::from_fd(call),
+        gpadls: gpadls.clone(),
     };
     device.open(res, &mut Bus { conn }).map_err(|e| {
         tracing::warn!(error = %e, "VSP: device refused open");

@@ -43,6 +43,18 @@ pub struct ChannelOpen {
     pub ring_pages: Vec<u64>,
 }
 
+/// A GPADL as the VSP receives it: `ranges` of `(byte_offset, byte_count, pfn count)` over `pfns`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GpadlInfo {
+    pub relid: u32,
+    pub handle: u32,
+    pub ranges: Vec<(u32, u32, u32)>,
+    pub pfns: Vec<u64>,
+}
+
+/// Most ranges in one GPADL message.
+pub const MAX_GPADL_RANGES: usize = 64;
+
 /// A protocol message. Which side may send which is checked by the endpoints, not here.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Message {
@@ -56,6 +68,11 @@ pub enum Message {
     Close { relid: u32 },
     /// VMM → VSP: the channel's interrupt moved.
     Retarget { relid: u32, target_vp: u32 },
+    /// VMM → VSP: a complete GPADL of a channel the VSP serves (devices such as netvsp map buffers
+    /// the guest describes by GPADL handle).
+    Gpadl(GpadlInfo),
+    /// VMM → VSP: the guest tore a GPADL down; stop using it before replying.
+    GpadlRevoke { handle: u32 },
     /// VMM → VSP: send the device state.
     Save,
     /// VMM → VSP: take this device state (before re-opening channels).
@@ -117,6 +134,8 @@ pub mod ty {
     pub const OFFER_SUBCHANNELS: u32 = 8;
     pub const REPLY: u32 = 9;
     pub const STATE: u32 = 10;
+    pub const GPADL: u32 = 11;
+    pub const GPADL_REVOKE: u32 = 12;
 }
 
 impl Message {
@@ -127,6 +146,8 @@ impl Message {
             Message::Open(_) => ty::OPEN,
             Message::Close { .. } => ty::CLOSE,
             Message::Retarget { .. } => ty::RETARGET,
+            Message::Gpadl(_) => ty::GPADL,
+            Message::GpadlRevoke { .. } => ty::GPADL_REVOKE,
             Message::Save => ty::SAVE,
             Message::Restore { .. } => ty::RESTORE,
             Message::OfferSubchannels { .. } => ty::OFFER_SUBCHANNELS,
@@ -180,6 +201,21 @@ impl Message {
                 put32(&mut b, *relid);
                 put32(&mut b, *target_vp);
             }
+            Message::Gpadl(g) => {
+                put32(&mut b, g.relid);
+                put32(&mut b, g.handle);
+                put32(&mut b, g.ranges.len() as u32);
+                for (offset, count, n) in &g.ranges {
+                    put32(&mut b, *offset);
+                    put32(&mut b, *count);
+                    put32(&mut b, *n);
+                }
+                put32(&mut b, g.pfns.len() as u32);
+                for p in &g.pfns {
+                    put64(&mut b, *p);
+                }
+            }
+            Message::GpadlRevoke { handle } => put32(&mut b, *handle),
             Message::Save => {}
             Message::Restore { state } | Message::State { state } => {
                 put32(&mut b, state.len() as u32);
@@ -269,6 +305,24 @@ impl Message {
                 relid: r.u32()?,
                 target_vp: r.u32()?,
             },
+            ty::GPADL => {
+                let relid = r.u32()?;
+                let handle = r.u32()?;
+                let nr = r.count(MAX_GPADL_RANGES, 12)?;
+                let mut ranges = Vec::with_capacity(nr);
+                for _ in 0..nr {
+                    ranges.push((r.u32()?, r.u32()?, r.u32()?));
+                }
+                let np = r.count(MAX_RING_PAGES, 8)?;
+                let pfns = (0..np).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
+                Message::Gpadl(GpadlInfo {
+                    relid,
+                    handle,
+                    ranges,
+                    pfns,
+                })
+            }
+            ty::GPADL_REVOKE => Message::GpadlRevoke { handle: r.u32()? },
             ty::SAVE => Message::Save,
             ty::RESTORE | ty::STATE => {
                 let n = r.count(MAX_MESSAGE, 1)?;
@@ -402,6 +456,13 @@ mod tests {
                 relid: 5,
                 target_vp: 3
             },
+            Message::Gpadl(GpadlInfo {
+                relid: 5,
+                handle: 0xE1E10,
+                ranges: alloc::vec![(0, 8192, 2), (100, 10, 1)],
+                pfns: alloc::vec![7, 8, 9],
+            }),
+            Message::GpadlRevoke { handle: 0xE1E10 },
             Message::Save,
             Message::Restore {
                 state: alloc::vec![1, 2, 3]
@@ -479,7 +540,7 @@ mod tests {
         }
 
         #[test]
-        fn decode_of_valid_header_never_panics(ty in 0u32..12, body in prop::collection::vec(any::<u8>(), 0..300)) {
+        fn decode_of_valid_header_never_panics(ty in 0u32..14, body in prop::collection::vec(any::<u8>(), 0..300)) {
             let mut b = b"VSP1".to_vec();
             b.extend_from_slice(&ty.to_le_bytes());
             b.extend_from_slice(&((16 + body.len()) as u32).to_le_bytes());

@@ -179,6 +179,7 @@ impl DeviceHost for HostedInProcess {
             kick: kick.try_clone()?,
             call: call.try_clone()?,
             info,
+            gpadls: Default::default(),
         };
         let mut bus = self.requests.clone();
         self.device
