@@ -63,7 +63,12 @@ impl Fz {
                 _ => None,
             }),
             map_rings: Box::new(move |_info: &OpenChannelInfo| {
-                Ok(ChannelRings { inbound: u2.clone(), outbound: d2.clone(), kick: None, call: None })
+                Ok(ChannelRings {
+                    inbound: u2.clone(),
+                    outbound: d2.clone(),
+                    kick: None,
+                    call: None,
+                })
             }),
             subchannels: Box::new(Subs),
         };
@@ -168,13 +173,22 @@ impl Fz {
             match info.header {
                 HeaderInfo::TransferPages { set_id, .. } => {
                     assert_eq!(set_id, 0xCAFE);
-                    let ranges: Vec<(u32, u32)> =
-                        p.transfer_ranges().expect("ranges").iter().map(|r| (r.byte_offset.get(), r.byte_count.get())).collect();
+                    let ranges: Vec<(u32, u32)> = p
+                        .transfer_ranges()
+                        .expect("ranges")
+                        .iter()
+                        .map(|r| (r.byte_offset.get(), r.byte_count.get()))
+                        .collect();
                     assert!(!ranges.is_empty() && ranges.len() <= nvsp::MAX_RECEIVE_RANGES);
                     for (off, len) in ranges {
-                        assert!(u64::from(off) + u64::from(len) <= RECV.2 * 4096, "range inside the buffer");
+                        assert!(
+                            u64::from(off) + u64::from(len) <= RECV.2 * 4096,
+                            "range inside the buffer"
+                        );
                         let mut m = vec![0u8; len as usize];
-                        self.mem.read_at(RECV.1 * 4096 + u64::from(off), &mut m).expect("buffer");
+                        self.mem
+                            .read_at(RECV.1 * 4096 + u64::from(off), &mut m)
+                            .expect("buffer");
                         let (_, l) = rndis::parse(&m).expect("host sends valid RNDIS");
                         assert_eq!(l, m.len());
                         assert!(l <= rndis::LINUX_MAX_RESPONSE_LEN || m[0] == 1);
@@ -183,7 +197,8 @@ impl Fz {
                 }
                 HeaderInfo::None if info.packet_type == PacketType::Completion => {
                     if !payload.is_empty() {
-                        NvspMessage::parse(&payload, Direction::HostToGuest).expect("host completion parses");
+                        NvspMessage::parse(&payload, Direction::HostToGuest)
+                            .expect("host completion parses");
                     }
                 }
                 _ => {
@@ -204,13 +219,53 @@ impl Fz {
     /// The Linux 6.1 handshake: NVSP 6.1, NDIS config and version, buffers, RNDIS INITIALIZE,
     /// packet filter.
     pub fn bring_up(&mut self) {
-        self.inband(&NvspMessage::Init(nvsp::Init { min_protocol_version: 0x60001, max_protocol_version: 0x60001 }).to_bytes(40), true);
-        self.inband(&NvspMessage::SendNdisConfig(nvsp::SendNdisConfig { mtu: 1514, reserved: 0, capabilities: 0xAC }).to_bytes(40), false);
-        self.inband(&NvspMessage::SendNdisVersion(nvsp::SendNdisVersion { ndis_major_version: 6, ndis_minor_version: 30 }).to_bytes(40), false);
-        self.inband(&NvspMessage::SendReceiveBuffer(nvsp::SendBuffer { gpadl_handle: RECV.0, id: 0xCAFE }).to_bytes(40), true);
-        self.inband(&NvspMessage::SendSendBuffer(nvsp::SendBuffer { gpadl_handle: SEND.0, id: 0 }).to_bytes(40), true);
+        self.inband(
+            &NvspMessage::Init(nvsp::Init {
+                min_protocol_version: 0x60001,
+                max_protocol_version: 0x60001,
+            })
+            .to_bytes(40),
+            true,
+        );
+        self.inband(
+            &NvspMessage::SendNdisConfig(nvsp::SendNdisConfig {
+                mtu: 1514,
+                reserved: 0,
+                capabilities: 0xAC,
+            })
+            .to_bytes(40),
+            false,
+        );
+        self.inband(
+            &NvspMessage::SendNdisVersion(nvsp::SendNdisVersion {
+                ndis_major_version: 6,
+                ndis_minor_version: 30,
+            })
+            .to_bytes(40),
+            false,
+        );
+        self.inband(
+            &NvspMessage::SendReceiveBuffer(nvsp::SendBuffer {
+                gpadl_handle: RECV.0,
+                id: 0xCAFE,
+            })
+            .to_bytes(40),
+            true,
+        );
+        self.inband(
+            &NvspMessage::SendSendBuffer(nvsp::SendBuffer {
+                gpadl_handle: SEND.0,
+                id: 0,
+            })
+            .to_bytes(40),
+            true,
+        );
         self.step();
         self.rndis_control(&rndis::initialize_request(1, 0x4000));
-        self.rndis_control(&rndis::set_request(2, rndis::oid::GEN_CURRENT_PACKET_FILTER, &0x2Fu32.to_le_bytes()));
+        self.rndis_control(&rndis::set_request(
+            2,
+            rndis::oid::GEN_CURRENT_PACKET_FILTER,
+            &0x2Fu32.to_le_bytes(),
+        ));
     }
 }

@@ -37,7 +37,9 @@ fn check_parsers(data: &[u8]) {
 
 fuzz_target!(|data: &[u8]| {
     check_parsers(data);
-    let Some((&mode, bytes)) = data.split_first() else { return };
+    let Some((&mode, bytes)) = data.split_first() else {
+        return;
+    };
     if bytes.is_empty() {
         return;
     }
@@ -56,14 +58,19 @@ fuzz_target!(|data: &[u8]| {
         0 => {
             // All in section 1.
             let n = bytes.len().min(section_size);
-            let _ = fz.mem.write_at(SEND.1 * 4096 + section_size as u64, &bytes[..n]);
+            let _ = fz
+                .mem
+                .write_at(SEND.1 * 4096 + section_size as u64, &bytes[..n]);
             fz.inband(&body(1, n as u32), true);
         }
         1 => {
             // All GPA direct, starting mid-page.
             let off = u32::from(mode) * 8 % 4096;
             let _ = fz.mem.write_at(SCRATCH * 4096 + u64::from(off), bytes);
-            fz.gpa(&body(nvsp::INVALID_SECTION_INDEX, 0), &[(off, bytes.len() as u32, SCRATCH)]);
+            fz.gpa(
+                &body(nvsp::INVALID_SECTION_INDEX, 0),
+                &[(off, bytes.len() as u32, SCRATCH)],
+            );
         }
         _ => {
             // Partial copy: the first part in section 0, the rest GPA direct.
