@@ -2,6 +2,10 @@
 //! hands SRBs to the LUN's asynchronous queue (io_uring) or to the worker pool, and writes
 //! completions to the host→guest ring in the order they finish.
 //!
+//! A request's space in the guest→host ring is released (`read_index` moves past it) only once its
+//! completion is published (see [`super::release`]): a VSP killed with requests in hand leaves them
+//! in the ring, and its successor on the same rings executes them again.
+//!
 //! The thread sleeps on the channel's *kick* eventfd only: the guest rings it (new requests, or
 //! space freed for completions), workers ring it when they finish a request, and io_uring signals
 //! it on every completion (the fd is registered with the ring). Every sleep is bounded, so a lost
@@ -9,10 +13,12 @@
 
 use super::io::{Completion, DataRange, GuestBuffer, SrbResult, reply_len};
 use super::protocol::{ChannelProtocol, Decision};
+use super::release::Held;
 use super::{DeviceShared, Lun, LunAddr};
 use crate::backend::{AsyncQueue, QueueCompletion, QueueOp};
 use crate::scsi::{self, DataBuffer, Outcome, Prepared, Sense, block_error_sense, data_fault};
 use ringbuf::mmap::MappedRing;
+use ringbuf::reader::CommitError;
 use ringbuf::signal::Doorbell;
 use ringbuf::{OutgoingPacket, PacketType, RingError, RingReader, RingWriter, WriteError};
 use std::collections::{HashMap, VecDeque};
@@ -27,7 +33,7 @@ use vmbus_core::memory::GuestMemory;
 
 /// Longest sleep between checks of the rings and the stop flag.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
-/// Packets read per ring commit.
+/// Packets read per pass.
 const READ_BATCH: usize = 64;
 /// How long closing waits for I/O in flight before giving up on it.
 const DRAIN_LIMIT: Duration = Duration::from_secs(60);
@@ -48,15 +54,16 @@ pub struct ChannelRings {
 
 /// Work finished elsewhere for this channel.
 pub(crate) struct Inbox {
-    completions: Mutex<Vec<Completion>>,
+    /// (sequence number of the request, its completion).
+    completions: Mutex<Vec<(u64, Completion)>>,
     notifications: Mutex<Vec<VstorPacket>>,
     wake: Doorbell,
 }
 
 impl Inbox {
-    fn push(&self, c: Completion) {
+    fn push(&self, seq: u64, c: Completion) {
         if let Ok(mut v) = self.completions.lock() {
-            v.push(c);
+            v.push((seq, c));
         }
         let _ = self.wake.ring();
     }
@@ -125,6 +132,8 @@ pub(crate) fn spawn(
         queues: HashMap::new(),
         pending: HashMap::new(),
         next_tag: 0,
+        held: Held::default(),
+        current: 0,
         dev,
     };
     let thread = std::thread::Builder::new()
@@ -140,12 +149,14 @@ pub(crate) fn spawn(
 
 /// A packet waiting for ring space.
 enum Out {
-    Completion(Completion),
+    /// The completion of the request with this sequence number ([`Held`]).
+    Completion(Completion, u64),
     Notification(VstorPacket, usize),
 }
 
 /// An SRB running on an asynchronous queue.
 struct Pending {
+    seq: u64,
     trans_id: u64,
     srb: VmscsiRequest,
     len: usize,
@@ -178,12 +189,16 @@ struct Channel {
     space_requested: bool,
     /// SRBs handed to a worker or a queue and not completed yet.
     in_flight: usize,
-    /// Resets waiting for `in_flight` to reach 0: (transaction id, reply length).
-    resets: Vec<(u64, usize)>,
+    /// Resets waiting for `in_flight` to reach 0: (transaction id, reply length, sequence number).
+    resets: Vec<(u64, usize, u64)>,
     /// Keyed by the LUN's address in memory (a re-added LUN gets a new queue).
     queues: HashMap<usize, LunQueue>,
     pending: HashMap<u64, Pending>,
     next_tag: u64,
+    /// Packets read whose ring space is not released yet.
+    held: Held,
+    /// Sequence number of the request being handled (its completion carries it).
+    current: u64,
     dev: Arc<DeviceShared>,
 }
 
@@ -235,6 +250,14 @@ impl Channel {
             // Queues wait for their own operations when dropped; the workers' results are dropped.
         }
         let _ = self.flush_out();
+        if self.held.len() > 0 {
+            // Their read_index was never advanced: whoever serves the ring next reads them again.
+            tracing::info!(
+                relid = self.relid,
+                unanswered = self.held.len(),
+                "storvsp: requests left in the ring unanswered"
+            );
+        }
     }
 
     fn read_requests(&mut self, max_in_flight: usize) -> Result<bool, RingError> {
@@ -249,6 +272,7 @@ impl Channel {
             let take = plen.min(vstor::PACKET_SIZE);
             // `take` is within the validated payload.
             let copied = pkt.copy_payload(0, &mut bytes[..take]).is_ok();
+            let end = pkt.end_position();
             let ranges = pkt.gpa_ranges().map(|mut it| {
                 let first = it.next().map(|r| DataRange {
                     byte_offset: r.byte_offset,
@@ -259,7 +283,10 @@ impl Channel {
             });
             pkt.consume();
             n += 1;
+            let seq = self.held.push(end);
+            self.current = seq;
             if !copied {
+                self.held.done(seq);
                 continue;
             }
             match info.packet_type {
@@ -267,6 +294,7 @@ impl Channel {
                 other => {
                     tracing::debug!(relid = self.relid, ?other, "storvsp: dropping packet type");
                     self.dev.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                    self.held.done(seq);
                     continue;
                 }
             }
@@ -276,22 +304,50 @@ impl Channel {
                     "storvsp: request without completion dropped"
                 );
                 self.dev.stats.dropped.fetch_add(1, Ordering::Relaxed);
+                self.held.done(seq);
                 continue;
             }
             self.handle(info.trans_id, &bytes[..take], plen, ranges);
         }
-        if n > 0 && self.reader.commit()? {
-            let _ = self.call.ring();
-        }
+        // Dropped packets need no answer: release them if nothing before them is outstanding.
+        self.release()?;
         Ok(n > 0)
     }
 
+    /// Returns to the guest the ring space of the longest prefix of answered packets.
+    fn release(&mut self) -> Result<(), RingError> {
+        let Some(end) = self.held.release() else {
+            return Ok(());
+        };
+        match self.reader.commit_to(end) {
+            Ok(true) => {
+                let _ = self.call.ring();
+            }
+            Ok(false) => {}
+            Err(CommitError::Ring(e)) => return Err(e),
+            Err(e @ CommitError::BadPosition { .. }) => {
+                // A bookkeeping bug, not the guest's doing: keep the space rather than lose requests.
+                tracing::error!(relid = self.relid, error = %e, "storvsp: ring release refused");
+            }
+        }
+        Ok(())
+    }
+
+    /// Queues the answer of the request being handled.
     fn reply(&mut self, trans_id: u64, packet: VstorPacket, len: usize) {
-        self.out.push_back(Out::Completion(Completion {
-            trans_id,
-            packet,
-            len,
-        }));
+        let seq = self.current;
+        self.reply_to(seq, trans_id, packet, len);
+    }
+
+    fn reply_to(&mut self, seq: u64, trans_id: u64, packet: VstorPacket, len: usize) {
+        self.out.push_back(Out::Completion(
+            Completion {
+                trans_id,
+                packet,
+                len,
+            },
+            seq,
+        ));
     }
 
     fn handle(
@@ -328,7 +384,7 @@ impl Channel {
                 if self.in_flight == 0 {
                     self.reply(trans_id, VstorPacket::new(Operation::CompleteIo, 0, 0), len);
                 } else {
-                    self.resets.push((trans_id, len));
+                    self.resets.push((trans_id, len, self.current));
                 }
             }
             Decision::Execute(srb) => self.execute(trans_id, srb, ranges, len),
@@ -337,8 +393,10 @@ impl Channel {
 
     fn done(&mut self, trans_id: u64, srb: &VmscsiRequest, r: SrbResult, len: usize) {
         self.dev.stats.inline.fetch_add(1, Ordering::Relaxed);
-        self.out
-            .push_back(Out::Completion(r.completion(trans_id, srb, len)));
+        self.out.push_back(Out::Completion(
+            r.completion(trans_id, srb, len),
+            self.current,
+        ));
     }
 
     /// The guest buffer of an SRB, or why the request is refused.
@@ -426,9 +484,13 @@ impl Channel {
         // The worker pool runs it synchronously.
         let inbox = self.inbox.clone();
         let cdb_owned = cdb.to_vec();
+        let seq = self.current;
         let spawned = self.dev.pool.spawn(move || {
             let o = lun.scsi.run(plan, &cdb_owned, &mut buffer);
-            inbox.push(SrbResult::from_outcome(&o).completion(trans_id, &srb, len));
+            inbox.push(
+                seq,
+                SrbResult::from_outcome(&o).completion(trans_id, &srb, len),
+            );
         });
         if spawned {
             self.in_flight += 1;
@@ -509,6 +571,7 @@ impl Channel {
                 self.pending.insert(
                     tag,
                     Pending {
+                        seq: self.current,
                         trans_id,
                         srb,
                         len,
@@ -529,15 +592,15 @@ impl Channel {
     /// Picks up finished work. `true` if anything changed.
     fn collect(&mut self) -> bool {
         let mut progress = false;
-        let done: Vec<Completion> = self
+        let done: Vec<(u64, Completion)> = self
             .inbox
             .completions
             .lock()
             .map(|mut v| std::mem::take(&mut *v))
             .unwrap_or_default();
-        for c in done {
+        for (seq, c) in done {
             self.in_flight = self.in_flight.saturating_sub(1);
-            self.out.push_back(Out::Completion(c));
+            self.out.push_back(Out::Completion(c, seq));
             progress = true;
         }
         let mut reaped: Vec<QueueCompletion> = Vec::new();
@@ -567,8 +630,8 @@ impl Channel {
             progress = true;
         }
         if self.in_flight == 0 && !self.resets.is_empty() {
-            for (id, len) in std::mem::take(&mut self.resets) {
-                self.reply(id, VstorPacket::new(Operation::CompleteIo, 0, 0), len);
+            for (id, len, seq) in std::mem::take(&mut self.resets) {
+                self.reply_to(seq, id, VstorPacket::new(Operation::CompleteIo, 0, 0), len);
             }
             progress = true;
         }
@@ -600,12 +663,14 @@ impl Channel {
             }
         };
         let c = SrbResult::from_outcome(&o).completion(p.trans_id, &p.srb, p.len);
-        self.out.push_back(Out::Completion(c));
+        self.out.push_back(Out::Completion(c, p.seq));
     }
 
-    /// Writes queued packets while the ring has room. `true` if any was written.
+    /// Writes queued packets while the ring has room, then releases the guest→host ring space of
+    /// the requests answered. `true` if any was written.
     fn flush_out(&mut self) -> Result<bool, RingError> {
         let mut written = 0usize;
+        let mut answered: Vec<u64> = Vec::new();
         loop {
             if self.out.is_empty() {
                 break;
@@ -613,10 +678,11 @@ impl Channel {
             let mut batch = self.writer.batch();
             let mut full = None;
             while let Some(o) = self.out.front() {
-                let (pkt_bytes, id, completion) = match o {
-                    Out::Completion(c) => (c.packet.wire_bytes(c.len), c.trans_id, true),
-                    Out::Notification(p, len) => (p.wire_bytes(*len), 0, false),
+                let (pkt_bytes, id, seq) = match o {
+                    Out::Completion(c, seq) => (c.packet.wire_bytes(c.len), c.trans_id, Some(*seq)),
+                    Out::Notification(p, len) => (p.wire_bytes(*len), 0, None),
                 };
+                let completion = seq.is_some();
                 let parts: [&[u8]; 1] = [pkt_bytes];
                 let pkt = if completion {
                     OutgoingPacket::completion(id, &parts)
@@ -626,6 +692,7 @@ impl Channel {
                 match batch.write(&pkt) {
                     Ok(()) => {
                         self.out.pop_front();
+                        answered.extend(seq);
                         written += 1;
                     }
                     Err(WriteError::Full { needed, .. }) => {
@@ -636,12 +703,19 @@ impl Channel {
                     Err(e) => {
                         tracing::error!(relid = self.relid, error = %e, "storvsp: completion dropped");
                         self.out.pop_front();
+                        // Executing it again would not make it fit: let the request go.
+                        answered.extend(seq);
                     }
                 }
             }
             if batch.commit()? {
                 let _ = self.call.ring();
             }
+            // The completions are published: their requests may leave the guest→host ring.
+            for seq in answered.drain(..) {
+                self.held.done(seq);
+            }
+            self.release()?;
             match full {
                 None => break,
                 Some(needed) => {

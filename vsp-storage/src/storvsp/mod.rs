@@ -16,6 +16,7 @@
 mod channel;
 mod io;
 pub mod protocol;
+mod release;
 
 #[cfg(test)]
 mod tests;
