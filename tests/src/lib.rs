@@ -1,1 +1,4 @@
-//! Cross-crate integration tests live in `tests/tests/`; this library holds shared test helpers (none yet).
+//! Cross-crate integration tests live in `tests/tests/`; this library holds shared helpers for them
+//! and for the bench binaries in `src/bin/`.
+
+pub mod stor;
