@@ -33,7 +33,7 @@ use tests::stor::{
     about = "storvsc/storvsp vs direct io_uring on the same file"
 )]
 struct Args {
-    /// Short run (≤ 60 s): 256 MiB files, 3 rounds of 0.4 s per workload and path.
+    /// Short run (≤ 60 s): 256 MiB files, 5 rounds of 0.4 s per workload and path.
     #[arg(long)]
     quick: bool,
     /// Directory on tmpfs.
@@ -54,7 +54,7 @@ struct Args {
     /// Seconds per measured interval (default 0.4 quick, 2 otherwise).
     #[arg(long)]
     interval: Option<f64>,
-    /// Alternating rounds per workload (default 3 quick, 5 otherwise).
+    /// Alternating rounds per workload (default 5 quick, 7 otherwise).
     #[arg(long)]
     rounds: Option<usize>,
     /// Channels (1 = primary only).
@@ -96,7 +96,7 @@ fn main() -> anyhow::Result<()> {
     let t0 = Instant::now();
     let timing = Timing {
         interval: Duration::from_secs_f64(a.interval.unwrap_or(if a.quick { 0.4 } else { 2.0 })),
-        rounds: a.rounds.unwrap_or(if a.quick { 3 } else { 5 }),
+        rounds: a.rounds.unwrap_or(if a.quick { 5 } else { 7 }),
     };
     let size = a.size_mib.unwrap_or(if a.quick { 256 } else { 1024 }) << 20;
     let ncpu = tests::stor::cpus();

@@ -268,7 +268,11 @@ pub fn run(h: &mut StorHarness, disk: &Path, cfg: &SoakConfig) -> anyhow::Result
                 let at = (f.lba * 512) as usize;
                 if got[..] != model[at..at + got.len()] {
                     rep.verify_errors += 1;
-                    rep.fail(format!("slot {} lba {}: data differs", f.slot, f.lba));
+                    let dups = h.driver().stats().duplicates;
+                    rep.fail(format!(
+                        "slot {} lba {}: data differs (duplicate completions so far: {dups})",
+                        f.slot, f.lba
+                    ));
                 }
                 rep.verified_reads += 1;
             }
