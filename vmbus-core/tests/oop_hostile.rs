@@ -246,3 +246,46 @@ fn vmm_cuts_off_a_vsp_that_answers_garbage() {
     assert!(matches!(VspClient::connect(vmm, T), Err(VmmError::Recv(_))));
     fake.join().unwrap();
 }
+
+#[test]
+fn vsp_refuses_bad_inflight_journals() {
+    let (vmm, vsp) = Connection::pair().unwrap();
+    let server = std::thread::spawn(move || serve(&vsp, &mut Nothing));
+    vmm.send(
+        &Message::Hello {
+            version: 1,
+            features: 0,
+        },
+        &[],
+    )
+    .unwrap();
+    assert!(matches!(
+        vmm.recv(T).unwrap().0,
+        Message::Hello { version: 1, .. }
+    ));
+    let f = ring_memfd("inflight", 64 * 1024).unwrap();
+    // Larger than the file, smaller than the file, not a page multiple, zero, beyond 1 MiB.
+    for size in [128 * 1024, 4096, 1000, 0, 2 << 20] {
+        vmm.send(&Message::Inflight { size }, &[f.as_fd()]).unwrap();
+        assert_ne!(reply_status(&vmm, ty::INFLIGHT), 0, "size {size}");
+    }
+    let big = ring_memfd("inflight-big", 2 << 20).unwrap();
+    vmm.send(&Message::Inflight { size: 2 << 20 }, &[big.as_fd()])
+        .unwrap();
+    assert_ne!(reply_status(&vmm, ty::INFLIGHT), 0);
+    vmm.send(&Message::Inflight { size: 64 * 1024 }, &[f.as_fd()])
+        .unwrap();
+    assert_eq!(reply_status(&vmm, ty::INFLIGHT), 0);
+    // Without its descriptor the message is a protocol violation: the VSP hangs up.
+    vmm.send(&Message::Inflight { size: 64 * 1024 }, &[])
+        .unwrap();
+    assert!(matches!(
+        server.join().unwrap(),
+        Err(ServeError::Recv(vmbus_core::oop::RecvError::Protocol(
+            ProtocolError::FdCount {
+                expected: 1,
+                got: 0
+            }
+        )))
+    ));
+}

@@ -157,6 +157,7 @@ impl<D: HostedDevice + Send> BusDevice for Hosted<D> {
             kick: ch.kick,
             call: ch.call,
             gpadls: Default::default(),
+            inflight: None,
         };
         self.device.open(res, &mut NoSubchannels)
     }

@@ -9,6 +9,10 @@
 //! 2. VMM → VSP `SetMemory {regions}` with one memfd per region (`gpa`, `size`, `fd_offset`, all
 //!    page aligned, non-overlapping, inside the file). The VSP maps every region
 //!    ([`GuestRegions`]); reply status 0 or 1.
+//!
+//!    Then VMM → VSP `Inflight {size}` with one memfd: the in-flight request journal, created once
+//!    per supervised VSP and handed to every (re)started process ([`InflightRegion`]; size a page
+//!    multiple of at most 1 MiB, equal to the file's). Reply status 0 or 1.
 //! 3. VMM → VSP `Open {relid, subchannel_index, target_vp, connection_id, downstream_offset,
 //!    user_data, ring_pages}` with two eventfds: *kick* (the guest signalled the channel) and *call*
 //!    (interrupt the guest). The VSP maps both rings from the ring pages (control page first, data
@@ -22,6 +26,7 @@
 //! Every request is answered by `Reply {request, relid, status}`. Each side validates everything it
 //! receives; a peer that breaks the protocol is disconnected (the VMM then restarts the VSP).
 
+pub mod inflight;
 pub mod regions;
 pub mod socket;
 pub mod supervisor;
@@ -29,6 +34,7 @@ pub mod vmm;
 pub mod vsp;
 pub mod wire;
 
+pub use inflight::{InflightError, InflightRegion};
 pub use regions::{GuestRegions, RegionError};
 pub use socket::{Connection, RecvError};
 pub use supervisor::{SOCKET_FD_ENV, Supervisor, SupervisorError, connection_from_env};

@@ -36,6 +36,8 @@ struct OpenChannel {
 pub struct Supervisor {
     command: Box<dyn FnMut() -> Command + Send>,
     memory: Vec<(Region, OwnedFd)>,
+    /// The in-flight journal, created once and handed to every process (it outlives them).
+    inflight: std::fs::File,
     channels: BTreeMap<u32, OpenChannel>,
     gpadls: BTreeMap<u32, crate::gpadl::Gpadl>,
     timeout: Duration,
@@ -58,9 +60,12 @@ impl Supervisor {
         memory: Vec<(Region, OwnedFd)>,
         timeout: Duration,
     ) -> Result<Self, SupervisorError> {
+        let inflight = ringbuf::mmap::ring_memfd("vsp-inflight", super::inflight::DEFAULT_SIZE)
+            .map_err(SupervisorError::Spawn)?;
         let mut s = Supervisor {
             command: Box::new(command),
             memory,
+            inflight,
             channels: BTreeMap::new(),
             gpadls: BTreeMap::new(),
             timeout,
@@ -85,6 +90,7 @@ impl Supervisor {
         let mut client = VspClient::connect(ours, Some(self.timeout))?;
         let table: Vec<_> = self.memory.iter().map(|(r, f)| (*r, f.as_fd())).collect();
         client.set_memory(&table)?;
+        client.set_inflight(super::inflight::DEFAULT_SIZE, self.inflight.as_fd())?;
         if let Some(state) = &self.device_state {
             client.restore(state)?;
         }

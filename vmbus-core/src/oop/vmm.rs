@@ -114,6 +114,12 @@ impl VspClient {
         self.wait_reply(ty::SET_MEMORY, 0)
     }
 
+    /// Sends the in-flight journal (`size` bytes of `fd`); call right after [`Self::set_memory`].
+    pub fn set_inflight(&mut self, size: u64, fd: BorrowedFd<'_>) -> Result<(), VmmError> {
+        self.conn.send(&Message::Inflight { size }, &[fd])?;
+        self.wait_reply(ty::INFLIGHT, 0)
+    }
+
     /// Hands an open channel to the VSP with its kick (guest → VSP) and call (VSP → guest) eventfds.
     pub fn open(
         &mut self,

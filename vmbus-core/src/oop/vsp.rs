@@ -1,5 +1,6 @@
 //! The VSP process side: serve one device over a connection from the VMM.
 
+use super::inflight::InflightRegion;
 use super::regions::GuestRegions;
 use super::socket::{Connection, RecvError};
 use super::wire::{ChannelOpen, FEATURES, GpadlInfo, Message, PROTOCOL_VERSION, ProtocolError, ty};
@@ -85,6 +86,9 @@ pub struct ChannelResources {
     pub call: Doorbell,
     /// GPADLs the VMM forwarded for this VSP's channels (shared by all of them).
     pub gpadls: Arc<GpadlTable>,
+    /// The in-flight journal that outlives this process (shared by all channels), if the VMM
+    /// sent one.
+    pub inflight: Option<Arc<InflightRegion>>,
 }
 
 /// A device hosted in a VSP process.
@@ -166,6 +170,7 @@ pub fn serve(conn: &Connection, device: &mut dyn HostedDevice) -> Result<(), Ser
     let mut memory: Option<Arc<GuestRegions>> = None;
     let mut open: BTreeSet<u32> = BTreeSet::new();
     let gpadls = Arc::new(GpadlTable::default());
+    let mut inflight: Option<Arc<InflightRegion>> = None;
     loop {
         let (msg, fds) = match conn.recv(None) {
             Ok(m) => m,
@@ -200,16 +205,34 @@ pub fn serve(conn: &Connection, device: &mut dyn HostedDevice) -> Result<(), Ser
                 };
                 conn.send(&reply(ty::SET_MEMORY, 0, status), &[])?;
             }
+            Message::Inflight { size } => {
+                let status = match fds.into_iter().next() {
+                    Some(fd) if open.is_empty() => match InflightRegion::map(fd, size) {
+                        Ok(r) => {
+                            inflight = Some(Arc::new(r));
+                            status::OK
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "VSP: in-flight journal refused");
+                            status::BAD_REQUEST
+                        }
+                    },
+                    _ => status::BAD_REQUEST,
+                };
+                conn.send(&reply(ty::INFLIGHT, 0, status), &[])?;
+            }
             Message::Open(o) => {
                 let relid = o.relid;
                 let status = match (&memory, open.contains(&relid)) {
-                    (Some(mem), false) => match open_channel(mem, &gpadls, o, fds, conn, device) {
-                        Ok(()) => {
-                            open.insert(relid);
-                            status::OK
+                    (Some(mem), false) => {
+                        match open_channel(mem, &gpadls, inflight.as_ref(), o, fds, conn, device) {
+                            Ok(()) => {
+                                open.insert(relid);
+                                status::OK
+                            }
+                            Err(s) => s,
                         }
-                        Err(s) => s,
-                    },
+                    }
                     _ => status::BAD_REQUEST,
                 };
                 conn.send(&reply(ty::OPEN, relid, status), &[])?;
@@ -272,6 +295,7 @@ pub fn serve(conn: &Connection, device: &mut dyn HostedDevice) -> Result<(), Ser
 fn open_channel(
     memory: &Arc<GuestRegions>,
     gpadls: &Arc<GpadlTable>,
+    inflight: Option<&Arc<InflightRegion>>,
     o: ChannelOpen,
     fds: Vec<OwnedFd>,
     conn: &Connection,
@@ -310,6 +334,7 @@ fn open_channel(
         kick: Doorbell::from_fd(kick),
         call: Doorbell::from_fd(call),
         gpadls: gpadls.clone(),
+        inflight: inflight.cloned(),
     };
     device.open(res, &mut Bus { conn }).map_err(|e| {
         tracing::warn!(error = %e, "VSP: device refused open");

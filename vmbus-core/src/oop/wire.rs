@@ -87,6 +87,9 @@ pub enum Message {
     },
     /// VSP → VMM: answer to [`Message::Save`].
     State { state: Vec<u8> },
+    /// VMM → VSP: the in-flight request journal (one memfd of `size` bytes) that outlives VSP
+    /// processes; sent right after [`Message::SetMemory`].
+    Inflight { size: u64 },
 }
 
 /// What was wrong with a message from the peer.
@@ -136,6 +139,7 @@ pub mod ty {
     pub const STATE: u32 = 10;
     pub const GPADL: u32 = 11;
     pub const GPADL_REVOKE: u32 = 12;
+    pub const INFLIGHT: u32 = 13;
 }
 
 impl Message {
@@ -153,6 +157,7 @@ impl Message {
             Message::OfferSubchannels { .. } => ty::OFFER_SUBCHANNELS,
             Message::Reply { .. } => ty::REPLY,
             Message::State { .. } => ty::STATE,
+            Message::Inflight { .. } => ty::INFLIGHT,
         }
     }
 
@@ -161,6 +166,7 @@ impl Message {
         match self {
             Message::SetMemory { regions } => regions.len(),
             Message::Open(_) => 2,
+            Message::Inflight { .. } => 1,
             _ => 0,
         }
     }
@@ -216,6 +222,7 @@ impl Message {
                 }
             }
             Message::GpadlRevoke { handle } => put32(&mut b, *handle),
+            Message::Inflight { size } => put64(&mut b, *size),
             Message::Save => {}
             Message::Restore { state } | Message::State { state } => {
                 put32(&mut b, state.len() as u32);
@@ -323,6 +330,7 @@ impl Message {
                 })
             }
             ty::GPADL_REVOKE => Message::GpadlRevoke { handle: r.u32()? },
+            ty::INFLIGHT => Message::Inflight { size: r.u64()? },
             ty::SAVE => Message::Save,
             ty::RESTORE | ty::STATE => {
                 let n = r.count(MAX_MESSAGE, 1)?;
@@ -476,6 +484,7 @@ mod tests {
             Message::State {
                 state: alloc::vec![]
             },
+            Message::Inflight { size: 65536 },
         ]
     }
 
@@ -533,6 +542,21 @@ mod tests {
         ));
     }
 
+    #[test]
+    fn inflight_layout() {
+        let m = Message::Inflight { size: 1 << 16 };
+        assert_eq!(m.fd_count(), 1);
+        let b = m.encode();
+        assert_eq!(u32::from_le_bytes(b[4..8].try_into().unwrap()), 13);
+        assert_eq!(b.len(), 24);
+        let mut cut = b[..20].to_vec();
+        cut[8..12].copy_from_slice(&20u32.to_le_bytes());
+        assert_eq!(
+            Message::decode(&cut),
+            Err(ProtocolError::Truncated { msgtype: 13 })
+        );
+    }
+
     proptest! {
         #[test]
         fn decode_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..600)) {
@@ -540,7 +564,7 @@ mod tests {
         }
 
         #[test]
-        fn decode_of_valid_header_never_panics(ty in 0u32..14, body in prop::collection::vec(any::<u8>(), 0..300)) {
+        fn decode_of_valid_header_never_panics(ty in 0u32..15, body in prop::collection::vec(any::<u8>(), 0..300)) {
             let mut b = b"VSP1".to_vec();
             b.extend_from_slice(&ty.to_le_bytes());
             b.extend_from_slice(&((16 + body.len()) as u32).to_le_bytes());

@@ -180,6 +180,7 @@ impl DeviceHost for HostedInProcess {
             call: call.try_clone()?,
             info,
             gpadls: Default::default(),
+            inflight: None,
         };
         let mut bus = self.requests.clone();
         self.device

@@ -4,7 +4,10 @@
 //!
 //! A request's space in the guest→host ring is released (`read_index` moves past it) only once its
 //! completion is published (see [`super::release`]): a VSP killed with requests in hand leaves them
-//! in the ring, and its successor on the same rings executes them again.
+//! in the ring, and its successor on the same rings executes them again. Requests answered out of
+//! order behind an unanswered one stay in the ring as well; with an in-flight journal (out of
+//! process, [`super::journal`]) they are marked answered there and the successor consumes them
+//! without executing them again.
 //!
 //! The thread sleeps on the channel's *kick* eventfd only: the guest rings it (new requests, or
 //! space freed for completions), workers ring it when they finish a request, and io_uring signals
@@ -12,6 +15,7 @@
 //! wake-up costs latency, never a hang.
 
 use super::io::{Completion, DataRange, GuestBuffer, SrbResult, reply_len};
+use super::journal::Journal;
 use super::protocol::{ChannelProtocol, Decision};
 use super::release::Held;
 use super::{DeviceShared, Lun, LunAddr};
@@ -30,6 +34,7 @@ use vmbus_core::devices::vstor::{
     self, DataDirection, Operation, VmscsiRequest, VstorError, VstorPacket, status,
 };
 use vmbus_core::memory::GuestMemory;
+use vmbus_core::oop::InflightRegion;
 
 /// Longest sleep between checks of the rings and the stop flag.
 const IDLE_WAIT: Duration = Duration::from_millis(200);
@@ -50,6 +55,8 @@ pub struct ChannelRings {
     pub call: Doorbell,
     /// Guest RAM the SRB data ranges point into.
     pub memory: Arc<dyn GuestMemory>,
+    /// The in-flight journal that outlives this process (out of process hosting only).
+    pub inflight: Option<Arc<InflightRegion>>,
 }
 
 /// Work finished elsewhere for this channel.
@@ -101,9 +108,21 @@ pub(crate) fn spawn(
     primary: bool,
     resumed: bool,
     rings: ChannelRings,
+    subchannel_index: u16,
     dev: Arc<DeviceShared>,
 ) -> Result<ChannelHandle, String> {
-    let reader = RingReader::new(rings.incoming).map_err(|e| e.to_string())?;
+    let mut reader = RingReader::new(rings.incoming).map_err(|e| e.to_string())?;
+    let mut journal = rings
+        .inflight
+        .and_then(|r| Journal::new(r, subchannel_index));
+    if let Some(j) = &mut journal {
+        // Entries of packets no longer in the unreleased part of the ring are stale.
+        let unread = reader.available().map_err(|e| e.to_string())?;
+        let kept = j.sweep(reader.read_index(), unread, reader.data_len());
+        if kept > 0 {
+            tracing::info!(relid, kept, "storvsp: answered requests still in the ring");
+        }
+    }
     let writer = RingWriter::new(rings.outgoing).map_err(|e| e.to_string())?;
     let inbox = Arc::new(Inbox {
         completions: Mutex::new(Vec::new()),
@@ -132,7 +151,7 @@ pub(crate) fn spawn(
         queues: HashMap::new(),
         pending: HashMap::new(),
         next_tag: 0,
-        held: Held::default(),
+        held: Held::new(journal),
         current: 0,
         dev,
     };
@@ -272,6 +291,7 @@ impl Channel {
             let take = plen.min(vstor::PACKET_SIZE);
             // `take` is within the validated payload.
             let copied = pkt.copy_payload(0, &mut bytes[..take]).is_ok();
+            let start = pkt.start_position();
             let end = pkt.end_position();
             let ranges = pkt.gpa_ranges().map(|mut it| {
                 let first = it.next().map(|r| DataRange {
@@ -283,8 +303,16 @@ impl Channel {
             });
             pkt.consume();
             n += 1;
-            let seq = self.held.push(end);
+            let (seq, answered) = self.held.push(start, end, info.trans_id);
             self.current = seq;
+            if answered {
+                // A predecessor published its completion but died before releasing it.
+                self.dev
+                    .stats
+                    .replays_skipped
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             if !copied {
                 self.held.done(seq);
                 continue;
@@ -321,9 +349,10 @@ impl Channel {
         };
         match self.reader.commit_to(end) {
             Ok(true) => {
+                self.held.released();
                 let _ = self.call.ring();
             }
-            Ok(false) => {}
+            Ok(false) => self.held.released(),
             Err(CommitError::Ring(e)) => return Err(e),
             Err(e @ CommitError::BadPosition { .. }) => {
                 // A bookkeeping bug, not the guest's doing: keep the space rather than lose requests.
@@ -708,12 +737,16 @@ impl Channel {
                     }
                 }
             }
-            if batch.commit()? {
-                let _ = self.call.ring();
-            }
-            // The completions are published: their requests may leave the guest→host ring.
+            let signal = batch.commit()?;
+            // The completions are published (a): mark them answered in the journal (b), then
+            // release their ring space and clear their journal entries (c). The guest is
+            // signalled after (b): a VSP killed between (a) and (b) runs those requests again
+            // (the only duplicates left), so that window is kept to a few loads and stores.
             for seq in answered.drain(..) {
                 self.held.done(seq);
+            }
+            if signal {
+                let _ = self.call.ring();
             }
             self.release()?;
             match full {

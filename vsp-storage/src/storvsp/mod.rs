@@ -15,6 +15,7 @@
 
 mod channel;
 mod io;
+mod journal;
 pub mod protocol;
 mod release;
 
@@ -152,6 +153,7 @@ impl ChannelBinder for GuestRamBinder {
             kick,
             call,
             memory: self.memory.clone(),
+            inflight: None,
         })
     }
 }
@@ -169,6 +171,9 @@ pub struct Stats {
     pub bad_packets: AtomicU64,
     /// Guest packets dropped unanswered (no completion requested, wrong packet type).
     pub dropped: AtomicU64,
+    /// Packets re-read after a VSP restart that the in-flight journal showed answered already
+    /// (consumed without executing them again).
+    pub replays_skipped: AtomicU64,
 }
 
 /// State shared by the device and its channel threads.
@@ -403,8 +408,15 @@ impl StorVsp {
             self.shared.protocol.reset();
         }
         let ready = primary && self.shared.protocol.ready();
-        let handle = channel::spawn(relid, primary, ready, rings, self.shared.clone())
-            .map_err(DeviceError::RingMapping)?;
+        let handle = channel::spawn(
+            relid,
+            primary,
+            ready,
+            rings,
+            subchannel_index,
+            self.shared.clone(),
+        )
+        .map_err(DeviceError::RingMapping)?;
         if primary && let Ok(mut p) = self.shared.primary_inbox.lock() {
             *p = Some(handle.inbox.clone());
         }
@@ -521,6 +533,7 @@ impl vmbus_core::oop::HostedDevice for StorVsp {
             kick: channel.kick,
             call: channel.call,
             memory: channel.memory,
+            inflight: channel.inflight,
         };
         self.open_rings(channel.info.relid, channel.info.subchannel_index, rings)?;
         self.service_bus(bus);
