@@ -211,11 +211,12 @@ impl GuestRam {
         if !(ptr as usize).is_multiple_of(std::mem::align_of::<AtomicU32>()) {
             return Err(MemoryError::Misaligned(gpa));
         }
-        // SAFETY: the 4096 bytes are inside one shared mapping that lives as long as `self` (the
-        // returned borrow is tied to it), the pointer is 4-byte aligned (checked; mappings are
-        // page-aligned), AtomicU32 has u32's layout, and all host access through the reference is
-        // atomic, so the guest changing the page concurrently is not a data race on our side.
-        Ok(unsafe { &*(ptr as *const [AtomicU32; 1024]) })
+        // The 4096 bytes are inside one shared mapping that lives as long as `self` (the returned
+        // borrow is tied to it) and all host access through the reference is atomic, so the guest
+        // changing the page concurrently is not a data race on our side.
+        // SAFETY: in bounds and alive as above; 4-byte aligned (checked); AtomicU32 is u32-sized.
+        let words = unsafe { &*(ptr as *const [AtomicU32; 1024]) };
+        Ok(words)
     }
 }
 

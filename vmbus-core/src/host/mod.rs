@@ -10,6 +10,7 @@
 //! failure status; otherwise the message is dropped. Either way [`Server::handle_message`] returns the
 //! [`HostError`] so the caller can log it, and the server stays consistent.
 
+mod gpadls;
 #[cfg(test)]
 mod proptests;
 mod server;
