@@ -13,6 +13,9 @@
 extern crate alloc;
 
 #[cfg(feature = "std")]
+mod control_plane;
+
+#[cfg(feature = "std")]
 pub mod harness;
 #[cfg(feature = "std")]
 pub mod net_harness;

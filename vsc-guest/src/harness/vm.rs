@@ -5,6 +5,7 @@ use super::HarnessError;
 use super::host::{ChildProcess, DeviceHost, HostedInProcess, VmbusInProcess, Vsp};
 use super::io::Ops;
 use super::memory::GuestRam;
+use crate::control_plane::HostOp;
 use crate::storvsc::{
     Direction, Disk, DriverState, LunInfo, ProbeConfig, ProbeStep, Prober, RingChannel,
     ScsiAddress, Storvsc, StorvscConfig, StorvscError, StorvscEvent, probe::PROBE_BUFFER_LEN,
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use vmbus_core::device::DeviceDescription;
 use vmbus_core::gpadl::RamRanges;
 use vmbus_core::guest::{Client, ClientConfig, ClientEvent, OfferInfo, OpenParams};
-use vmbus_core::host::{HostAction, Server, ServerConfig};
+use vmbus_core::host::{Server, ServerConfig};
 use vmbus_core::oop::Supervisor;
 use vmbus_core::wire::{Guid, class};
 
@@ -253,36 +254,21 @@ impl StorHarness {
     /// Moves VMBus channel messages both ways until nothing moves.
     fn pump(&mut self) -> Result<(), HarnessError> {
         for _ in 0..10_000 {
-            let mut moved = false;
-            while let Some(p) = self.client.poll_post() {
-                // Refusals are answered on the wire where the protocol has a status.
-                let _ = self.server.handle_message(p.connection_id, &p.msg);
-                moved = true;
-            }
-            while let Some(a) = self.server.poll_action() {
-                moved = true;
-                match a {
-                    HostAction::Send { msg, .. } => {
-                        self.client.handle_message(&msg).map_err(bus_err)?;
+            let host = &mut self.host;
+            let mut moved = crate::control_plane::exchange(
+                &mut self.client,
+                &mut self.server,
+                &self.kicks,
+                &self.call,
+                &mut |op| match op {
+                    HostOp::Open(info, kick, call) => host.open(info, kick, call),
+                    HostOp::Close(relid) => {
+                        host.close(relid);
+                        Ok(())
                     }
-                    HostAction::Open(info) => {
-                        let relid = info.relid;
-                        let ok = match self.kicks.get(&relid) {
-                            Some(kick) => match self.host.open(info, kick, &self.call) {
-                                Ok(()) => true,
-                                Err(e) => {
-                                    tracing::warn!(relid, error = %e, "harness: VSP refused open");
-                                    false
-                                }
-                            },
-                            None => false,
-                        };
-                        self.server.complete_open(relid, ok).map_err(bus_err)?;
-                    }
-                    HostAction::Close { relid } => self.host.close(relid),
-                    _ => {}
-                }
-            }
+                },
+            )
+            .map_err(HarnessError::Bus)?;
             while let Some(e) = self.client.poll_event() {
                 moved = true;
                 self.bus_events.push(e);

@@ -2,6 +2,7 @@
 
 use super::host::{DeviceHost, DeviceResources, InProcessHost, ProcessHost};
 use super::{GuestRam, HarnessError, SharedMem};
+use crate::control_plane::HostOp;
 use crate::netvsc::ring::NetChannel;
 use crate::netvsc::{
     DriverState, Netvsc, NetvscConfig, NetvscError, NetvscEvent, RxFrame, SendError, TxMeta,
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use vmbus_core::device::{DeviceDescription, VmbusDevice};
 use vmbus_core::gpadl::RamRanges;
 use vmbus_core::guest::{Client, ClientConfig, ClientEvent, OfferInfo, OpenParams};
-use vmbus_core::host::{HostAction, Server, ServerConfig};
+use vmbus_core::host::{Server, ServerConfig};
 use vmbus_core::wire::class;
 
 /// Sizes and driver settings of a harness VM (defaults: Linux 6.1's).
@@ -173,39 +174,21 @@ impl NetVm {
     /// Moves VMBus channel messages both ways until nothing moves.
     fn pump(&mut self) -> Result<(), HarnessError> {
         for _ in 0..10_000 {
-            let mut moved = false;
-            while let Some(p) = self.client.poll_post() {
-                // Refusals are answered on the wire where the protocol has a status.
-                let _ = self.server.handle_message(p.connection_id, &p.msg);
-                moved = true;
-            }
-            while let Some(a) = self.server.poll_action() {
-                moved = true;
-                match a {
-                    HostAction::Send { msg, .. } => self
-                        .client
-                        .handle_message(&msg)
-                        .map_err(|e| HarnessError::Bus(e.to_string()))?,
-                    HostAction::Open(info) => {
-                        let relid = info.relid;
-                        let ok = match self.kicks.get(&relid) {
-                            Some(kick) => match self.host.open(info, kick, &self.call) {
-                                Ok(()) => true,
-                                Err(e) => {
-                                    tracing::warn!(relid, error = %e, "harness: device refused open");
-                                    false
-                                }
-                            },
-                            None => false,
-                        };
-                        self.server
-                            .complete_open(relid, ok)
-                            .map_err(|e| HarnessError::Bus(e.to_string()))?;
+            let host = &mut self.host;
+            let mut moved = crate::control_plane::exchange(
+                &mut self.client,
+                &mut self.server,
+                &self.kicks,
+                &self.call,
+                &mut |op| match op {
+                    HostOp::Open(info, kick, call) => host.open(info, kick, call),
+                    HostOp::Close(relid) => {
+                        host.close(relid);
+                        Ok(())
                     }
-                    HostAction::Close { relid } => self.host.close(relid),
-                    _ => {}
-                }
-            }
+                },
+            )
+            .map_err(HarnessError::Bus)?;
             while let Some(e) = self.client.poll_event() {
                 moved = true;
                 if let ClientEvent::GpadlCreated {
