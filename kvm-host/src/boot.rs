@@ -67,6 +67,8 @@ pub enum BootError {
     CmdlineTooLong(usize),
     #[error("the image entry {0:#x} is not in guest RAM")]
     BadEntry(u64),
+    #[error("Linux kernel: {0}")]
+    Kernel(String),
 }
 
 /// A loaded image.

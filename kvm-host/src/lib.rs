@@ -18,6 +18,8 @@ pub mod boot;
 pub mod demo;
 pub mod devices;
 pub mod hyperv;
+pub mod linux_boot;
+pub mod linux_guest;
 pub mod memory;
 pub mod partition;
 pub mod rss;

@@ -25,7 +25,8 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Cmd {
-    /// Boot an ELF image: the bare-metal test guest (default) or a Linux vmlinux (--linux).
+    /// Boot the bare-metal test guest, or Linux (bzImage, or vmlinux with --linux) with an initrd,
+    /// a command line and VMBus disk / NIC.
     Run(RunArgs),
     /// The demo partition: the Rust test guest on VMBus with a SCSI disk (a dynamic VHD made in a
     /// temporary directory unless --disk is given) and a NIC on a virtual switch; prints what the
@@ -55,25 +56,47 @@ struct VspStorageArgs {
 }
 
 #[derive(clap::Args, Debug)]
+#[command(after_help = "\
+Linux: `kvm-host run --kernel bzImage --initrd initramfs.cpio.gz --cmdline '...' --disk d.vhd --net`
+boots a bzImage (entered at startup_64, code32_start + 0x200) or a vmlinux ELF (with --linux) through
+the 64-bit boot protocol: zero page from the bzImage's setup header, command line, initrd below
+initrd_addr_max, E820 around the MMIO hole, ACPI RSDP. --disk adds a VMBus SCSI controller, --net a
+VMBus NIC on a virtual switch whose host endpoint 10.0.0.1 answers ARP and ping (give the guest
+10.0.0.2/24). The console goes to stdout; the run ends at 'reboot: Power down', a kernel panic or
+--timeout.")]
 struct RunArgs {
-    /// ELF image to boot.
+    /// Image to boot: the bare-metal test guest (ELF), a Linux bzImage, or a Linux vmlinux (ELF,
+    /// with --linux).
     #[arg(long)]
     kernel: PathBuf,
+    /// Initial RAM disk for Linux (implies --linux).
+    #[arg(long)]
+    initrd: Option<PathBuf>,
     /// Guest RAM in MiB.
     #[arg(long, default_value_t = 128)]
     mem: u64,
     /// Number of vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u32,
-    /// Linux 64-bit boot protocol (zero page, command line; APs wait for INIT/SIPI).
+    /// Boot an ELF --kernel as Linux (a bzImage always is).
     #[arg(long)]
     linux: bool,
-    /// Kernel command line (with --linux).
+    /// Kernel command line (Linux). The default avoids instructions this host's KVM emulator
+    /// cannot run (kvm-here.md).
     #[arg(
         long,
-        default_value = "console=ttyS0 noxsave clearcpuid=cx16,smap,smep,umip,popcnt mitigations=off"
+        default_value = "console=ttyS0 noxsave clearcpuid=cx16,smap,smep,umip,popcnt mitigations=off nokaslr tsc=reliable"
     )]
     cmdline: String,
+    /// Linux: disk image (`.vhd` = VHD, else raw) for a VMBus SCSI controller, LUN 0.
+    #[arg(long)]
+    disk: Option<PathBuf>,
+    /// Linux: run storvsp in a supervised VSP process instead of in process.
+    #[arg(long, requires = "disk")]
+    vsp_process: bool,
+    /// Linux: a VMBus NIC on a virtual switch with a host endpoint at 10.0.0.1.
+    #[arg(long)]
+    net: bool,
     /// Value passed to a test guest in RCX (0 phase 1, 1 hostile, 2 triple fault; 3, VMBus, needs
     /// the devices `demo` sets up).
     #[arg(long, default_value_t = 0)]
@@ -182,24 +205,72 @@ fn exit_code(reason: &ExitReason) -> ExitCode {
 }
 
 fn run(a: RunArgs) -> Result<ExitCode> {
+    let bz =
+        kvm_host::linux_boot::detect(&a.kernel)? == kvm_host::linux_boot::KernelFormat::BzImage;
+    if a.linux || bz || a.initrd.is_some() {
+        return run_linux(a);
+    }
+    if a.disk.is_some() || a.net {
+        bail!("--disk and --net are for Linux guests (the test guest's devices come with `demo`)");
+    }
     let mut p = Partition::new(PartitionConfig {
         mem_bytes: mem_bytes(a.mem)?,
         vcpus: a.cpus,
         ..PartitionConfig::default()
     })?;
-    if a.linux {
-        p.load_linux(&a.kernel, &a.cmdline)?;
-    } else {
-        p.load_test_guest(&a.kernel, a.arg)?;
-        testguest::install_echo(p.synic())?;
-        if a.arg == testguest::MODE_PHASE1 {
-            testguest::queue_welcome(p.synic())?;
-        }
+    p.load_test_guest(&a.kernel, a.arg)?;
+    testguest::install_echo(p.synic())?;
+    if a.arg == testguest::MODE_PHASE1 {
+        testguest::queue_welcome(p.synic())?;
     }
     let timeout = (a.timeout > 0).then(|| Duration::from_secs(a.timeout));
     let report = p.run(timeout)?;
     eprintln!("kvm-host: partition stopped: {}", describe(&report));
     Ok(exit_code(&report.reason))
+}
+
+fn run_linux(a: RunArgs) -> Result<ExitCode> {
+    use kvm_host::linux_guest::{self, DEFAULT_STOP_MARKERS, LinuxConfig};
+    let storage = if a.vsp_process {
+        kvm_host::demo::StorageHosting::Process {
+            exe: std::env::current_exe().context("locating this executable for the VSP")?,
+        }
+    } else {
+        kvm_host::demo::StorageHosting::InProcess
+    };
+    let cfg = LinuxConfig {
+        kernel: a.kernel,
+        initrd: a.initrd,
+        cmdline: a.cmdline,
+        mem_bytes: mem_bytes(a.mem)?,
+        vcpus: a.cpus,
+        disk: a.disk,
+        storage,
+        net: a.net,
+        // No limit means a long one: Linux halts without telling the VMM.
+        timeout: Duration::from_secs(if a.timeout > 0 { a.timeout } else { 86_400 }),
+        echo_serial: true,
+        stop_markers: DEFAULT_STOP_MARKERS.iter().map(|m| m.to_string()).collect(),
+    };
+    let o = linux_guest::run(&cfg)?;
+    eprintln!(
+        "kvm-host: {:?} kernel, entry {:#x}; set-up {} ms",
+        o.kernel.format,
+        o.kernel.image.entry,
+        o.setup_time.as_millis()
+    );
+    if let Some(b) = &o.bus {
+        eprintln!(
+            "kvm-host: vmbus: {} messages from the guest, {} to it, {} refused; {} channel opens; host endpoint answered {} ARP, {} ping",
+            b.messages_in, b.messages_out, b.refused, b.opens, o.peer_replies.0, o.peer_replies.1
+        );
+    }
+    eprintln!("kvm-host: partition stopped: {}", describe(&o.run));
+    Ok(match o.marker.as_deref() {
+        Some(m) if m.contains("Power down") => ExitCode::SUCCESS,
+        Some(_) => ExitCode::FAILURE,
+        None => exit_code(&o.run.reason),
+    })
 }
 
 fn guest_image(guest: Option<PathBuf>) -> Result<PathBuf> {

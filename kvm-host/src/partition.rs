@@ -166,6 +166,7 @@ pub struct Partition {
     com1: Arc<Mutex<Com1>>,
     _com1_irq: EventFd,
     plan: Option<BootPlan>,
+    control: Arc<RunControl>,
     // Keeps /dev/kvm open for the VM's lifetime.
     _kvm: Kvm,
 }
@@ -288,6 +289,7 @@ impl Partition {
             com1,
             _com1_irq: com1_irq,
             plan: None,
+            control: Arc::new(RunControl::default()),
             _kvm: kvm,
         })
     }
@@ -312,6 +314,11 @@ impl Partition {
         &self.vm
     }
 
+    /// Stops a running partition from another thread: `finish(reason)` ends [`Self::run`].
+    pub fn run_control(&self) -> Arc<RunControl> {
+        self.control.clone()
+    }
+
     /// Number of vCPUs.
     pub fn vcpu_count(&self) -> u32 {
         self.vcpus.len() as u32
@@ -333,16 +340,24 @@ impl Partition {
         Ok(img)
     }
 
-    /// Loads a Linux vmlinux (ELF) for the 64-bit boot protocol; APs wait for INIT/SIPI.
+    /// Loads a Linux kernel (bzImage or vmlinux ELF), an optional initrd and the command line for
+    /// the 64-bit boot protocol; APs wait for INIT/SIPI.
     pub fn load_linux(
         &mut self,
-        path: &Path,
+        kernel: &Path,
+        initrd: Option<&Path>,
         cmdline: &str,
-    ) -> Result<LoadedImage, PartitionError> {
-        let img = boot::load_elf(&self.ram, path)?;
-        boot::write_linux_zero_page(&self.ram, cmdline, boot::ACPI_START)?;
-        self.plan = Some(BootPlan::Linux { entry: img.entry });
-        Ok(img)
+    ) -> Result<crate::linux_boot::LinuxKernel, PartitionError> {
+        use crate::linux_boot;
+        let k = linux_boot::load_kernel(&self.ram, kernel)?;
+        let rd = initrd
+            .map(|p| linux_boot::load_initrd(&self.ram, &k, p))
+            .transpose()?;
+        linux_boot::write_boot_params(&self.ram, &k, cmdline, rd, boot::ACPI_START)?;
+        self.plan = Some(BootPlan::Linux {
+            entry: k.image.entry,
+        });
+        Ok(k)
     }
 
     fn setup_vcpus(&self, plan: &BootPlan) -> Result<(), PartitionError> {
@@ -378,7 +393,7 @@ impl Partition {
         let shared = Arc::new(VcpuShared {
             hv: self.hv.clone(),
             com1: self.com1.clone(),
-            control: Arc::new(RunControl::default()),
+            control: self.control.clone(),
             log: LogOnce::default(),
             stats: ExitStats::default(),
         });
