@@ -28,6 +28,7 @@
 
 pub mod inflight;
 pub mod regions;
+pub mod seccomp;
 pub mod socket;
 pub mod supervisor;
 pub mod vmm;

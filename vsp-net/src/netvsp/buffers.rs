@@ -4,6 +4,7 @@
 //! mapped: bytes are copied in and out through [`GuestMemory`], every access checked against the
 //! guest's RAM, so a buffer naming pages outside RAM only fails the packets that touch it.
 
+use super::journal::RxJournal;
 use std::collections::HashMap;
 use vmbus_core::gpadl::Gpadl;
 use vmbus_core::memory::{GuestMemory, MemoryError, PagedRange};
@@ -33,6 +34,8 @@ pub enum BufferError {
 #[derive(Debug, Clone)]
 pub struct GuestBuffer {
     pub id: u16,
+    /// The GPADL the guest registered it as.
+    pub handle: u32,
     pfns: Vec<u64>,
     len: u32,
 }
@@ -57,6 +60,7 @@ impl GuestBuffer {
         PagedRange::new(0, r.byte_count, &pfns).map_err(|e| BufferError::Range { handle, e })?;
         Ok(GuestBuffer {
             id,
+            handle,
             pfns,
             len: r.byte_count,
         })
@@ -91,6 +95,8 @@ pub struct ReceiveBuffer {
     /// Outstanding transfer-page packets: transaction id → their sections.
     in_flight: HashMap<u64, Vec<u32>>,
     next_id: u64,
+    /// Where lent sections are recorded for a successor process (see [`super::journal`]).
+    journal: Option<RxJournal>,
 }
 
 impl ReceiveBuffer {
@@ -112,7 +118,60 @@ impl ReceiveBuffer {
             free: (0..count).rev().collect(),
             in_flight: HashMap::new(),
             next_id: 1,
+            journal: None,
         })
+    }
+
+    /// Records lent sections in `journal` from now on (a buffer the guest just registered: nothing
+    /// is lent). Sections the journal cannot track are not used.
+    pub fn with_journal(mut self, journal: RxJournal) -> Self {
+        self.count = self.count.min(journal.capacity());
+        self.free = (0..self.count).rev().collect();
+        self.next_id = journal.reset(self.buf.handle, self.count);
+        self.journal = Some(journal);
+        self
+    }
+
+    /// The buffer a predecessor process registered, with the sections it lent to the guest still
+    /// lent (from the journal; the rule is in [`super::journal`]). Returns the buffer and the
+    /// number of sections inherited as lent.
+    pub fn resume(
+        g: &Gpadl,
+        id: u16,
+        sub_size: u32,
+        journal: Option<RxJournal>,
+    ) -> Result<(Self, usize), BufferError> {
+        let mut rb = Self::new(g, id, sub_size)?;
+        let Some(journal) = journal else {
+            // No record of what the guest holds: ids from a clock-derived base at least.
+            let nanos = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(1, |d| d.as_nanos() as u64);
+            rb.next_id = nanos.max(1);
+            return Ok((rb, 0));
+        };
+        rb.count = rb.count.min(journal.capacity());
+        let Some((next, lent)) = journal.inherited(g.handle, rb.count) else {
+            tracing::warn!(
+                handle = g.handle,
+                "netvsp: journal does not describe the receive buffer; starting it empty"
+            );
+            return Ok((rb.with_journal(journal), 0));
+        };
+        let mut inherited = 0;
+        rb.free.clear();
+        for (s, &owner) in lent.iter().enumerate().rev() {
+            let s = s as u32;
+            if owner == 0 || owner >= next {
+                rb.free.push(s);
+            } else {
+                rb.in_flight.entry(owner).or_default().push(s);
+                inherited += 1;
+            }
+        }
+        rb.next_id = next;
+        rb.journal = Some(journal);
+        Ok((rb, inherited))
     }
 
     pub fn free_sections(&self) -> usize {
@@ -158,8 +217,19 @@ impl ReceiveBuffer {
     pub fn lend(&mut self, sections: Vec<u32>) -> u64 {
         let id = self.next_id;
         self.next_id = self.next_id.wrapping_add(1).max(1);
+        if let Some(j) = &self.journal {
+            j.set_next_id(self.next_id);
+        }
         self.in_flight.insert(id, sections);
         id
+    }
+
+    /// Packet `trans_id` is about to be written to the guest's ring (`true`) or could not be
+    /// (`false`): its sections are marked lent in the journal or unmarked.
+    pub fn publishing(&self, trans_id: u64, yes: bool) {
+        if let (Some(j), Some(s)) = (&self.journal, self.in_flight.get(&trans_id)) {
+            j.mark(s, if yes { trans_id } else { 0 });
+        }
     }
 
     /// The guest completed packet `trans_id`: its sections are free again. False for an id that
@@ -167,6 +237,9 @@ impl ReceiveBuffer {
     pub fn complete(&mut self, trans_id: u64) -> bool {
         match self.in_flight.remove(&trans_id) {
             Some(s) => {
+                if let Some(j) = &self.journal {
+                    j.mark(&s, 0);
+                }
                 self.free.extend(s);
                 true
             }

@@ -131,7 +131,7 @@ pub(crate) struct RndisState {
 }
 
 impl RndisState {
-    fn new(mac: [u8; 6]) -> Self {
+    pub(crate) fn new(mac: [u8; 6]) -> Self {
         RndisState {
             phase: RndisPhase::Uninitialized,
             filter: 0,
@@ -173,6 +173,8 @@ pub(crate) struct Core<R: RingMem> {
     pub stats: NetvspStats,
     /// Sub-channels the bus has offered so far (they outlive a session).
     pub offered: u16,
+    /// The in-flight journal receive buffers record lent sections in (VSP processes).
+    pub journal: Option<super::journal::RxJournal>,
 }
 
 impl<R: RingMem> Core<R> {
@@ -201,6 +203,7 @@ impl<R: RingMem> Core<R> {
             control_out: VecDeque::new(),
             stats: NetvspStats::default(),
             offered: 0,
+            journal: None,
         }
     }
 
@@ -288,6 +291,18 @@ impl<R: RingMem> Core<R> {
             };
             n += 1;
             self.handle_packet(q, pkt);
+            // Release each request's ring space as soon as its replies are in the ring rather than
+            // once per batch: a VSP process killed mid-batch then leaves its successor only
+            // requests whose completion the guest has not been sent (it must not get two).
+            if let Some(ch) = self.channels.get_mut(&q)
+                && ch.out.is_empty()
+            {
+                match ch.reader.commit() {
+                    Ok(true) => ch.signal = true,
+                    Ok(false) => {}
+                    Err(_) => ch.broken = true,
+                }
+            }
         }
         if let Some(ch) = self.channels.get_mut(&q) {
             match ch.reader.commit() {
@@ -452,8 +467,18 @@ impl<R: RingMem> Core<R> {
                 headers: &headers,
                 payload: &parts,
             };
+            let lending = match p {
+                Pending::Transfer { trans_id, .. } => Some(*trans_id),
+                _ => None,
+            };
+            if let (Some(id), Some(rx)) = (lending, self.rx.as_ref()) {
+                rx.publishing(id, true);
+            }
             let result = ch.writer.try_write(&pkt);
             drop(body);
+            if let (Some(id), Some(rx), Err(_)) = (lending, self.rx.as_ref(), &result) {
+                rx.publishing(id, false);
+            }
             match result {
                 Ok(sig) => {
                     ch.signal |= sig;

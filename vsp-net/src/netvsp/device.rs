@@ -110,6 +110,11 @@ impl<R: RingMem + Send + 'static> Netvsp<R> {
         self.shared.lock().poll()
     }
 
+    /// Runs `f` on the device state under its lock.
+    pub(crate) fn with_core<T>(&self, f: impl FnOnce(&mut Core<R>) -> T) -> T {
+        f(&mut self.shared.lock())
+    }
+
     /// Counters.
     pub fn stats(&self) -> NetvspStats {
         self.shared.lock().stats

@@ -22,14 +22,20 @@
 mod buffers;
 mod control;
 mod core;
+pub mod daemon;
 mod device;
+mod hosted;
+mod journal;
 mod rss;
 mod rx;
 mod session;
+mod state;
 mod tx;
 
 pub use device::{ChannelRings, GpadlSource, Netvsp, NetvspResources, RingMapper};
+pub use hosted::HostedNetvsp;
 pub use rss::toeplitz_hash;
+pub use state::{SavedBuffer, SavedState};
 
 use vmbus_core::wire::Guid;
 

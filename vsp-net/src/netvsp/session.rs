@@ -137,7 +137,11 @@ impl<R: RingMem> Core<R> {
                     .gpadls
                     .gpadl(b.gpadl_handle)
                     .ok_or(BufferError::UnknownGpadl(b.gpadl_handle))
-                    .and_then(|g| ReceiveBuffer::new(&g, b.id, sub_size));
+                    .and_then(|g| ReceiveBuffer::new(&g, b.id, sub_size))
+                    .map(|rx| match &self.journal {
+                        Some(j) => rx.with_journal(j.clone()),
+                        None => rx,
+                    });
                 let reply = match result {
                     Ok(rx) => {
                         let r = nvsp::SendReceiveBufferComplete {

@@ -1,0 +1,201 @@
+//! The steady-state seccomp allow-list of the VSP daemons (seccompiler, rust-vmm).
+//!
+//! A daemon does its setup first (socket from the supervisor, disk / TAP opened, logging), then
+//! calls [`install`]: from then on every thread of the process may only make the system calls in
+//! [`base_syscalls`] plus the daemon's additions. Steady state still includes new channel opens
+//! and memory tables re-sent after a VMM restart, so mapping memory, receiving descriptors and
+//! starting threads stay allowed; opening files or sockets, exec and the like do not.
+//!
+//! A forbidden call raises `SIGSYS` (`SECCOMP_RET_TRAP`); the handler writes the call's number to
+//! stderr and exits the process with status [`EXIT_FORBIDDEN`]. A dead VSP is the designed
+//! failure path: the supervisor restarts it, and the log says which call to look at.
+
+use seccompiler::{BpfProgram, SeccompAction, SeccompFilter, TargetArch};
+use std::collections::BTreeMap;
+
+/// Exit status of a daemon that made a forbidden system call.
+pub const EXIT_FORBIDDEN: i32 = 159;
+/// Test hook: after [`install`], a daemon whose environment has this variable set to `socket` or
+/// `execve` tries that call (it must die with [`EXIT_FORBIDDEN`]).
+pub const SELFTEST_ENV: &str = "VMBUS_VSP_SECCOMP_SELFTEST";
+
+/// Why the filter could not be installed.
+#[derive(Debug, thiserror::Error)]
+pub enum SeccompError {
+    #[error("seccomp filter: {0}")]
+    Filter(#[from] seccompiler::BackendError),
+    #[error("installing the seccomp filter: {0}")]
+    Install(#[from] seccompiler::Error),
+    #[error("SIGSYS handler: {0}")]
+    Signal(std::io::Error),
+    #[error("unsupported architecture {0}")]
+    Arch(&'static str),
+}
+
+/// What every VSP daemon needs in steady state: I/O on descriptors it holds (the VMM socket with
+/// `SCM_RIGHTS`, eventfds, epoll/poll), memory mapping (guest memory regions, rings, the
+/// in-flight journal, thread stacks, the allocator), threads (a worker per channel), time, signals
+/// and exit.
+pub fn base_syscalls() -> Vec<i64> {
+    let mut v = vec![
+        libc::SYS_read,
+        libc::SYS_write,
+        libc::SYS_readv,
+        libc::SYS_writev,
+        libc::SYS_close,
+        libc::SYS_fstat,
+        libc::SYS_newfstatat,
+        libc::SYS_statx,
+        libc::SYS_lseek,
+        libc::SYS_mmap,
+        libc::SYS_munmap,
+        libc::SYS_mremap,
+        libc::SYS_mprotect,
+        libc::SYS_madvise,
+        libc::SYS_brk,
+        libc::SYS_rt_sigaction,
+        libc::SYS_rt_sigprocmask,
+        libc::SYS_rt_sigreturn,
+        libc::SYS_sigaltstack,
+        libc::SYS_futex,
+        libc::SYS_sched_yield,
+        libc::SYS_sched_getaffinity,
+        libc::SYS_nanosleep,
+        libc::SYS_clock_nanosleep,
+        libc::SYS_clock_gettime,
+        libc::SYS_gettimeofday,
+        libc::SYS_getpid,
+        libc::SYS_gettid,
+        libc::SYS_getrandom,
+        libc::SYS_exit,
+        libc::SYS_exit_group,
+        libc::SYS_tgkill,
+        libc::SYS_ppoll,
+        libc::SYS_pselect6,
+        libc::SYS_epoll_create1,
+        libc::SYS_epoll_ctl,
+        libc::SYS_epoll_pwait,
+        libc::SYS_eventfd2,
+        libc::SYS_recvmsg,
+        libc::SYS_sendmsg,
+        libc::SYS_recvfrom,
+        libc::SYS_sendto,
+        libc::SYS_shutdown,
+        libc::SYS_fcntl,
+        libc::SYS_dup,
+        libc::SYS_clone,
+        libc::SYS_clone3,
+        libc::SYS_set_robust_list,
+        libc::SYS_rseq,
+        libc::SYS_prctl,
+        libc::SYS_membarrier,
+    ];
+    #[cfg(target_arch = "x86_64")]
+    v.extend([libc::SYS_poll, libc::SYS_epoll_wait, libc::SYS_arch_prctl]);
+    v
+}
+
+fn arch() -> Result<TargetArch, SeccompError> {
+    TargetArch::try_from(std::env::consts::ARCH)
+        .map_err(|_| SeccompError::Arch(std::env::consts::ARCH))
+}
+
+/// The filter program for `base_syscalls() + extra`.
+pub fn program(extra: &[i64]) -> Result<BpfProgram, SeccompError> {
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = base_syscalls()
+        .into_iter()
+        .chain(extra.iter().copied())
+        .map(|nr| (nr, Vec::new()))
+        .collect();
+    let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, arch()?)?;
+    Ok(filter.try_into()?)
+}
+
+extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mut libc::c_void) {
+    // siginfo for SIGSYS (`_sigsys`): si_call_addr (pointer) at offset 16, si_syscall (int)
+    // right after it — the same on every 64-bit Linux architecture.
+    let nr = if info.is_null() {
+        -1
+    } else {
+        // SAFETY: the kernel passes a valid siginfo_t for a SA_SIGINFO handler; the read stays
+        // inside it (siginfo_t is 128 bytes).
+        unsafe { info.cast::<u8>().add(24).cast::<i32>().read_unaligned() }
+    };
+    let mut msg = *b"VSP seccomp: forbidden system call           \n";
+    let mut n = nr.unsigned_abs();
+    let mut at = msg.len() - 2;
+    loop {
+        msg[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 || at == 36 {
+            break;
+        }
+        at -= 1;
+    }
+    // SAFETY: write(2) and _exit(2) are async-signal-safe and allowed by every filter; the buffer
+    // is valid for its length.
+    unsafe {
+        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::_exit(EXIT_FORBIDDEN);
+    }
+}
+
+/// Installs the allow-list (`base_syscalls() + extra`) on every thread of the process.
+pub fn install(extra: &[i64]) -> Result<(), SeccompError> {
+    let prog = program(extra)?;
+    // SAFETY: a zeroed sigaction is valid; the handler only makes async-signal-safe calls.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigsys as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) != 0 {
+            return Err(SeccompError::Signal(std::io::Error::last_os_error()));
+        }
+    }
+    seccompiler::apply_filter_all_threads(&prog)?;
+    tracing::info!(
+        syscalls = base_syscalls().len() + extra.len(),
+        "seccomp allow-list installed"
+    );
+    Ok(())
+}
+
+/// Runs the [`SELFTEST_ENV`] probe, if asked for (call right after [`install`]). Returns only if
+/// the probe was not requested or the call was (wrongly) allowed.
+pub fn selftest_from_env() {
+    let Ok(what) = std::env::var(SELFTEST_ENV) else {
+        return;
+    };
+    tracing::warn!(probe = %what, "seccomp self-test: making a forbidden call");
+    match what.as_str() {
+        "socket" => {
+            // SAFETY: plain system call; a descriptor it might return is closed at once.
+            let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+            if fd >= 0 {
+                // SAFETY: `fd` was just returned to us.
+                unsafe { libc::close(fd) };
+            }
+        }
+        "execve" => {
+            let path = c"/bin/true";
+            let argv = [path.as_ptr(), std::ptr::null()];
+            let envp = [std::ptr::null()];
+            // SAFETY: NUL-terminated path and argument/environment arrays.
+            unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+        }
+        _ => {}
+    }
+    tracing::error!(probe = %what, "seccomp self-test: forbidden call was allowed");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filter_compiles_with_additions() {
+        let p = program(&[libc::SYS_io_uring_enter]).unwrap();
+        assert!(p.len() > base_syscalls().len());
+    }
+}
