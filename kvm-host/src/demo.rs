@@ -50,6 +50,8 @@ pub struct DemoConfig {
     pub timeout: Duration,
     /// Echo the guest's serial output to stdout as it runs.
     pub echo_serial: bool,
+    /// In-kernel fast path for guest signals ([`PartitionConfig::fast_signals`]).
+    pub fast_signals: bool,
 }
 
 /// What happened.
@@ -167,6 +169,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoOutcome, DemoError> {
         mem_bytes: cfg.mem_bytes,
         vcpus: cfg.vcpus,
         serial: sink,
+        fast_signals: cfg.fast_signals,
         ..PartitionConfig::default()
     })?;
     p.load_test_guest(&cfg.guest, cfg.scenario)?;

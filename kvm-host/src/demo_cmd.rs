@@ -109,6 +109,7 @@ fn run(a: &DemoArgs) -> Result<DemoOutcome> {
         storage,
         timeout: Duration::from_secs(a.timeout.max(1)),
         echo_serial: a.verbose,
+        fast_signals: !a.slow_signals,
     };
     println!(
         "booting {} ({} vCPU(s), {} MiB) with a SCSI controller ({}) and a NIC on a virtual switch",

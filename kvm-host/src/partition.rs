@@ -97,6 +97,9 @@ pub struct PartitionConfig {
     pub serial: SerialSink,
     /// Bound of each SynIC (VP, SINT) host→guest queue.
     pub synic_queue_depth: usize,
+    /// Guest signals on open channels complete in the kernel (ioeventfd); `false` sends every
+    /// one through the VMM (for comparisons).
+    pub fast_signals: bool,
 }
 
 impl Default for PartitionConfig {
@@ -110,6 +113,7 @@ impl Default for PartitionConfig {
                 buffer: None,
             },
             synic_queue_depth: DEFAULT_QUEUE_DEPTH,
+            fast_signals: true,
         }
     }
 }
@@ -153,6 +157,56 @@ impl InterruptSink for MsiInterrupts {
             Ok(0) => tracing::debug!(vp, vector, "SynIC interrupt blocked by the guest's LAPIC"),
             Ok(_) => {}
             Err(e) => tracing::warn!(vp, vector, "KVM_SIGNAL_MSI: {e}"),
+        }
+    }
+}
+
+/// Guest fast `HvSignalEvent`s on open channels complete in the kernel: a KVM ioeventfd per
+/// connection id on [`crate::hyperv::FAST_SIGNAL_PORT`] (PIO, 4 bytes, datamatch = connection id)
+/// rings the channel's kick eventfd.
+struct IoEventAccel {
+    vm: Arc<VmFd>,
+    attached: Mutex<std::collections::HashMap<u32, EventFd>>,
+}
+
+impl crate::synic::SignalAccel for IoEventAccel {
+    fn attach(&self, connection_id: u32, kick: &ringbuf::signal::Doorbell) -> std::io::Result<()> {
+        use std::os::fd::{AsFd, IntoRawFd};
+        let fd = kick.as_fd().try_clone_to_owned()?;
+        // SAFETY: `fd` is a freshly duplicated, owned eventfd descriptor; EventFd takes ownership.
+        let efd = unsafe { <EventFd as std::os::fd::FromRawFd>::from_raw_fd(fd.into_raw_fd()) };
+        let mut map = self
+            .attached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if map.contains_key(&connection_id) {
+            return Err(std::io::Error::other("connection id already attached"));
+        }
+        self.vm
+            .register_ioevent(
+                &efd,
+                &kvm_ioctls::IoEventAddress::Pio(u64::from(crate::hyperv::FAST_SIGNAL_PORT)),
+                connection_id,
+            )
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+        map.insert(connection_id, efd);
+        Ok(())
+    }
+
+    fn detach(&self, connection_id: u32) {
+        let removed = self
+            .attached
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&connection_id);
+        if let Some(efd) = removed
+            && let Err(e) = self.vm.unregister_ioevent(
+                &efd,
+                &kvm_ioctls::IoEventAddress::Pio(u64::from(crate::hyperv::FAST_SIGNAL_PORT)),
+                connection_id,
+            )
+        {
+            tracing::warn!(connection_id, "KVM_IOEVENTFD deassign: {e}");
         }
     }
 }
@@ -262,6 +316,12 @@ impl Partition {
             Arc::new(MsiInterrupts(vm.clone())),
             config.synic_queue_depth,
         ));
+        if config.fast_signals && kvm.check_extension(Cap::Ioeventfd) {
+            synic.set_signal_accel(Arc::new(IoEventAccel {
+                vm: vm.clone(),
+                attached: Mutex::default(),
+            }));
+        }
         let hv = Arc::new(HvPartition::new(ram.clone(), synic, tsc_hz));
 
         let com1_irq =

@@ -17,7 +17,7 @@ use kvm_bindings::{
 use kvm_ioctls::{VcpuExit, VcpuFd};
 
 use crate::hyperv::hypercall::HypercallInput;
-use crate::hyperv::{HYPERCALL_PORT, HvPartition, msr};
+use crate::hyperv::{FAST_SIGNAL_PORT, HYPERCALL_PORT, HvPartition, msr};
 use crate::serial::{Com1, SharedCom1};
 
 /// Port a test guest writes a status byte to in order to stop the partition.
@@ -138,6 +138,7 @@ pub struct VcpuShared {
 enum After {
     Nothing,
     Hypercall,
+    FastSignal,
     Internal,
     Stop(ExitReason),
 }
@@ -158,6 +159,11 @@ pub fn run_vcpu(vp: u32, mut vcpu: VcpuFd, shared: &VcpuShared) {
             After::Nothing => {}
             After::Hypercall => {
                 if let Err(reason) = hypercall(vp, &vcpu, shared) {
+                    shared.control.finish(reason);
+                }
+            }
+            After::FastSignal => {
+                if let Err(reason) = fast_signal(vp, &vcpu, shared) {
                     shared.control.finish(reason);
                 }
             }
@@ -188,6 +194,8 @@ fn handle_exit(vp: u32, exit: VcpuExit<'_>, shared: &VcpuShared) -> After {
                     return After::Stop(ExitReason::ExitPort(data.first().copied().unwrap_or(0)));
                 }
                 HYPERCALL_PORT if shared.hv.hypercall_enabled() => return After::Hypercall,
+                // No ioeventfd took it: not an open channel's connection id.
+                FAST_SIGNAL_PORT if shared.hv.hypercall_enabled() => return After::FastSignal,
                 p if Com1::claims(p) => {
                     let mut c = com1(shared);
                     for (i, b) in data.iter().enumerate() {
@@ -351,6 +359,25 @@ fn hypercall(vp: u32, vcpu: &VcpuFd, shared: &VcpuShared) -> Result<(), ExitReas
     };
     regs.rax = shared.hv.hypercall(vp, input);
     regs.rdx = regs.r11;
+    vcpu.set_regs(&regs).map_err(failed)?;
+    Ok(())
+}
+
+/// A fast `HvSignalEvent` the kernel did not complete: the page stub left control in RCX and the
+/// input in R11 and takes the status from R10.
+fn fast_signal(vp: u32, vcpu: &VcpuFd, shared: &VcpuShared) -> Result<(), ExitReason> {
+    shared.stats.hypercalls.fetch_add(1, Ordering::Relaxed);
+    let failed = |e: kvm_ioctls::Error| ExitReason::VcpuFailed {
+        vp,
+        detail: format!("registers for a fast signal: {e}"),
+    };
+    let mut regs = vcpu.get_regs().map_err(failed)?;
+    let input = HypercallInput {
+        control: regs.rcx,
+        input: regs.r11,
+        output: regs.r8,
+    };
+    regs.r10 = shared.hv.hypercall(vp, input);
     vcpu.set_regs(&regs).map_err(failed)?;
     Ok(())
 }

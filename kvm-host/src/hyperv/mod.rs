@@ -124,17 +124,76 @@ pub struct HvPartition {
     tsc_hz: u64,
 }
 
-/// What the hypercall page holds: save the input GPA (RDX) in R11, trap through the hypercall
-/// port, return. The VMM reads RCX (control), R11 (input GPA / fast input 1) and R8 (output GPA /
-/// fast input 2), writes RAX, restores RDX, and resumes after the `out`.
-pub fn hypercall_page_code() -> [u8; 11] {
-    let p = HYPERCALL_PORT.to_le_bytes();
-    [
-        0x49, 0x89, 0xD3, // mov r11, rdx
-        0xBA, p[0], p[1], 0x00, 0x00, // mov edx, HYPERCALL_PORT
-        0xEF, // out dx, eax
-        0xC3, // ret
-        0xCC, // int3 (never reached)
+/// Port of the fast `HvSignalEvent` path: the hypercall page writes the connection id here
+/// (`out dx, eax`). Each open channel has a KVM ioeventfd on it with datamatch = its connection
+/// id, so a signal on an open channel completes in the kernel without leaving KVM_RUN; any other
+/// value exits to the VMM, which runs the full hypercall and leaves the status in R10.
+pub const FAST_SIGNAL_PORT: u16 = 0x4858;
+
+/// `HvCallSignalEvent` with the fast bit and nothing else in the control word.
+const FAST_SIGNAL_CONTROL: u32 = 0x1_005D;
+
+/// What the hypercall page holds.
+///
+/// Fast `HvSignalEvent` with flag 0 and no reserved bits (what Linux's `vmbus_set_event` and
+/// vsc-guest issue): `out` of the connection id to [`FAST_SIGNAL_PORT`], status from R10 (zeroed
+/// before; the VMM writes it when no ioeventfd took the write). Everything else: save the input
+/// GPA (RDX) in R11 and trap through [`HYPERCALL_PORT`]; the VMM reads RCX (control), R11 (input
+/// GPA / fast input 1) and R8 (output GPA / fast input 2), writes RAX, restores RDX, and resumes
+/// after the `out`. Clobbers only what the hypercall ABI allows (RAX, RDX restored, R10, R11).
+pub fn hypercall_page_code() -> Vec<u8> {
+    let slow = HYPERCALL_PORT.to_le_bytes();
+    let fast = FAST_SIGNAL_PORT.to_le_bytes();
+    let c = FAST_SIGNAL_CONTROL.to_le_bytes();
+    // Offsets in the comments; both `jne`/`jnz` go to `slow` at 39 (rel8 from the next byte).
+    vec![
+        0x49,
+        0x89,
+        0xD3, // 0: mov r11, rdx
+        0x48,
+        0x81,
+        0xF9,
+        c[0],
+        c[1],
+        c[2],
+        c[3], // 3: cmp rcx, 0x1005D
+        0x75,
+        39 - 12, // 10: jne slow
+        0x48,
+        0x89,
+        0xD0, // 12: mov rax, rdx
+        0x48,
+        0xC1,
+        0xE8,
+        0x18, // 15: shr rax, 24 (flag number and reserved bits must be 0)
+        0x75,
+        39 - 21, // 19: jnz slow
+        0x89,
+        0xD0, // 21: mov eax, edx (the connection id)
+        0xBA,
+        fast[0],
+        fast[1],
+        0x00,
+        0x00, // 23: mov edx, FAST_SIGNAL_PORT
+        0x45,
+        0x31,
+        0xD2, // 28: xor r10d, r10d
+        0xEF, // 31: out dx, eax
+        0x44,
+        0x89,
+        0xD0, // 32: mov eax, r10d (status)
+        0x4C,
+        0x89,
+        0xDA, // 35: mov rdx, r11
+        0xC3, // 38: ret
+        0xBA,
+        slow[0],
+        slow[1],
+        0x00,
+        0x00, // 39 slow: mov edx, HYPERCALL_PORT
+        0xEF, // 44: out dx, eax
+        0xC3, // 45: ret
+        0xCC, // 46: int3 (never reached)
     ]
 }
 

@@ -59,13 +59,12 @@ fn guest_os_id_gates_the_hypercall_page_which_holds_the_trap_stub() {
     hv.write_msr(0, msr::HYPERCALL, 0x5000 | 1).unwrap();
     assert_eq!(hv.read_msr(0, msr::HYPERCALL), Ok(0x5001));
     assert!(hv.hypercall_enabled());
-    let mut code = [0u8; 12];
+    let stub = hypercall_page_code();
+    let mut code = vec![0u8; stub.len() + 1];
     hv.ram().read(0x5000, &mut code).unwrap();
-    assert_eq!(&code[..11], &hypercall_page_code());
+    assert_eq!(&code[..stub.len()], &stub[..]);
     assert_eq!(&code[..3], &[0x49, 0x89, 0xD3], "mov r11, rdx");
-    assert_eq!(code[8], 0xEF, "out dx, eax");
-    assert_eq!(code[9], 0xC3, "ret");
-    assert_eq!(code[11], 0xCC);
+    assert_eq!(code[stub.len()], 0xCC, "rest of the page is int3");
     assert!(matches!(
         hv.write_msr(0, msr::HYPERCALL, 0x6000 | 4 | 1),
         Err(MsrError::Reserved { .. })
@@ -290,4 +289,31 @@ fn registered_ports_without_a_handler_feed_the_host_inbox() {
     assert_eq!(statuses[64], 0x13);
     assert!(synic.unregister_port(1));
     assert_eq!(call(&hv, post, INPUT), 0x12);
+}
+
+#[test]
+fn hypercall_stub_sends_only_plain_fast_signals_to_the_ioeventfd_port() {
+    let code = hypercall_page_code();
+    let slow = HYPERCALL_PORT.to_le_bytes();
+    let fast = FAST_SIGNAL_PORT.to_le_bytes();
+    // cmp rcx, 0x1005D: exactly a fast HvSignalEvent (no rep count, no variable header).
+    assert_eq!(&code[3..10], &[0x48, 0x81, 0xF9, 0x5D, 0x00, 0x01, 0x00]);
+    // Both conditional branches (control mismatch; flag number / reserved bits set) land on the
+    // slow path's `mov edx, HYPERCALL_PORT; out dx, eax; ret`.
+    for (jcc, rel) in [(10usize, 11usize), (19, 20)] {
+        assert_eq!(code[jcc], 0x75);
+        let target = rel + 1 + usize::from(code[rel]);
+        assert_eq!(
+            &code[target..target + 7],
+            &[0xBA, slow[0], slow[1], 0, 0, 0xEF, 0xC3]
+        );
+    }
+    // Fast path: the connection id (EAX) goes out to FAST_SIGNAL_PORT with R10 zeroed first, the
+    // status comes back from R10 and RDX is restored from R11.
+    let fast_out = [
+        0x89, 0xD0, 0xBA, fast[0], fast[1], 0, 0, 0x45, 0x31, 0xD2, 0xEF, 0x44, 0x89, 0xD0, 0x4C,
+        0x89, 0xDA, 0xC3,
+    ];
+    assert_eq!(&code[21..39], &fast_out);
+    assert!(code.len() < 64);
 }

@@ -83,6 +83,15 @@ pub trait SynicHandler: Send + Sync {
     ) -> Result<(), PortStatus>;
 }
 
+/// Lets a guest's fast `HvSignalEvent` on a connection id reach an eventfd without a VMM exit
+/// (a KVM ioeventfd on [`crate::hyperv::FAST_SIGNAL_PORT`] with datamatch = connection id).
+pub trait SignalAccel: Send + Sync {
+    /// From now on, fast signals on `connection_id` ring `kick` in the kernel.
+    fn attach(&self, connection_id: u32, kick: &ringbuf::signal::Doorbell) -> std::io::Result<()>;
+    /// Undo [`Self::attach`]; later signals on `connection_id` exit to the VMM again.
+    fn detach(&self, connection_id: u32);
+}
+
 #[derive(Debug)]
 struct VpSynic {
     scontrol: u64,
@@ -120,6 +129,7 @@ pub struct Synic {
     vps: Vec<Mutex<VpSynic>>,
     ports: RwLock<HashMap<u32, PortKind>>,
     handler: RwLock<Option<Arc<dyn SynicHandler>>>,
+    accel: RwLock<Option<Arc<dyn SignalAccel>>>,
     inbox: Inbox,
     queue_depth: usize,
 }
@@ -152,6 +162,7 @@ impl Synic {
             vps: (0..vp_count).map(|_| Mutex::new(VpSynic::new())).collect(),
             ports: RwLock::new(HashMap::new()),
             handler: RwLock::new(None),
+            accel: RwLock::new(None),
             inbox: Inbox::new(DEFAULT_INBOX_DEPTH),
             queue_depth: queue_depth.max(1),
         }
@@ -170,6 +181,43 @@ impl Synic {
     /// Removes the handler: guest→host traffic goes to the inbox again.
     pub fn clear_handler(&self) {
         *self.handler.write().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+
+    /// Installs the in-kernel fast path for guest signals (the partition does, with its VM fd).
+    pub fn set_signal_accel(&self, accel: Arc<dyn SignalAccel>) {
+        *self.accel.write().unwrap_or_else(PoisonError::into_inner) = Some(accel);
+    }
+
+    /// Fast signals on the registered event port `connection_id` ring `kick` without a VMM exit,
+    /// when the partition has a fast path. `false`: they keep going through the VMM.
+    pub fn attach_fast_signal(&self, connection_id: u32, kick: &ringbuf::signal::Doorbell) -> bool {
+        let accel = self
+            .accel
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let Some(a) = accel else {
+            return false;
+        };
+        match a.attach(connection_id & CONNECTION_ID_MASK, kick) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(connection_id, "fast signal path not attached: {e}");
+                false
+            }
+        }
+    }
+
+    /// Stops the fast path of `connection_id` (before its port goes away).
+    pub fn detach_fast_signal(&self, connection_id: u32) {
+        let accel = self
+            .accel
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(a) = accel {
+            a.detach(connection_id & CONNECTION_ID_MASK);
+        }
     }
 
     fn handler(&self) -> Option<Arc<dyn SynicHandler>> {

@@ -29,6 +29,8 @@ struct OpenChannel {
     target_vp: u32,
     /// The bus's end of the device's call eventfd.
     call: Doorbell,
+    /// Guest signals reach the kick eventfd in the kernel (ioeventfd).
+    fast: bool,
 }
 
 pub(super) struct BusLoop {
@@ -216,6 +218,7 @@ impl BusLoop {
             s.device.close(relid);
             return false;
         }
+        let fast = self.synic.attach_fast_signal(connection_id, &kick_bus);
         self.handler.set_kick(connection_id, Some(kick_bus));
         self.open.insert(
             relid,
@@ -224,10 +227,11 @@ impl BusLoop {
                 connection_id,
                 target_vp,
                 call: call_bus,
+                fast,
             },
         );
         self.stats.opens.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(relid, device = %s.name, hosting = %s.device.hosting(), elapsed = ?t.elapsed(), "vmbus: channel open");
+        tracing::info!(relid, device = %s.name, hosting = %s.device.hosting(), fast, elapsed = ?t.elapsed(), "vmbus: channel open");
         true
     }
 
@@ -235,6 +239,11 @@ impl BusLoop {
         let Some(ch) = self.open.remove(&relid) else {
             return;
         };
+        // The in-kernel path goes first: later guest signals exit to the VMM, which drops them
+        // (no kick) and, once the port is gone, answers HV_STATUS_INVALID_CONNECTION_ID.
+        if ch.fast {
+            self.synic.detach_fast_signal(ch.connection_id);
+        }
         self.handler.set_kick(ch.connection_id, None);
         self.synic.unregister_port(ch.connection_id);
         if let Some(s) = self.slots.get_mut(ch.slot) {
