@@ -2,3 +2,4 @@
 //! and for the bench binaries in `src/bin/`.
 
 pub mod stor;
+pub mod virtio_driver;

@@ -6,3 +6,4 @@ pub mod block;
 pub mod scsi;
 pub mod storvsp;
 pub mod vhd;
+pub mod vhost_user;

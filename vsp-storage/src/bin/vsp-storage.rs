@@ -29,6 +29,8 @@ struct Cli {
 enum Command {
     /// Serve a SCSI controller with one disk on the socket the supervisor passed.
     Serve(ServeArgs),
+    /// Serve the disk as a vhost-user-blk device (QEMU, Cloud Hypervisor).
+    VhostUserBlk(vsp_storage::vhost_user::cli::Args),
 }
 
 #[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
@@ -64,6 +66,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(args) => serve(args),
+        Command::VhostUserBlk(args) => vsp_storage::vhost_user::cli::run(args),
     }
 }
 
