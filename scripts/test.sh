@@ -23,6 +23,17 @@ cargo fmt --manifest-path fuzz/Cargo.toml --check
 step "cargo clippy --all-targets -D warnings"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "QEMU and the guest kernel for tests/tests/qemu_vhost.rs"
+if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -q --no-install-recommends qemu-system-x86 </dev/null ||
+        { apt-get update -q </dev/null && apt-get install -y -q --no-install-recommends qemu-system-x86 </dev/null; }
+fi
+kernel_started=$SECONDS
+VMBUS_GUEST_KERNEL_DIR=$(scripts/build-guest-kernel.sh </dev/null | tail -n 1)
+export VMBUS_GUEST_KERNEL_DIR
+echo "guest kernel in $VMBUS_GUEST_KERNEL_DIR ($((SECONDS - kernel_started)) s)"
+
 step "workspace tests"
 cargo test --workspace --locked
 
