@@ -17,6 +17,8 @@ struct Cli {
 enum Command {
     /// Serve a synthetic NIC on the socket the supervisor passed.
     Serve(vsp_net::netvsp::daemon::ServeArgs),
+    /// Serve a virtio NIC on a vhost-user socket (TAP or in-process switch backend).
+    VhostUserNet(vsp_net::vhost_user::cli::VhostUserNetArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -26,5 +28,6 @@ fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().command {
         Command::Serve(args) => vsp_net::netvsp::daemon::serve(args),
+        Command::VhostUserNet(args) => vsp_net::vhost_user::cli::run(args),
     }
 }
