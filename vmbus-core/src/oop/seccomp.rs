@@ -95,6 +95,41 @@ pub fn base_syscalls() -> Vec<i64> {
     v
 }
 
+/// `vsp-storage serve`'s additions: positioned and vectored disk I/O, io_uring (a queue is set
+/// up per channel at open), flushes and VHD growth.
+pub fn storage_syscalls() -> Vec<i64> {
+    vec![
+        libc::SYS_pread64,
+        libc::SYS_pwrite64,
+        libc::SYS_preadv,
+        libc::SYS_pwritev,
+        libc::SYS_preadv2,
+        libc::SYS_pwritev2,
+        libc::SYS_io_uring_setup,
+        libc::SYS_io_uring_enter,
+        libc::SYS_io_uring_register,
+        libc::SYS_fsync,
+        libc::SYS_fdatasync,
+        libc::SYS_fallocate,
+        libc::SYS_ftruncate,
+    ]
+}
+
+/// `vsp-net serve`'s additions: TAP and interface ioctls (link state, offloads).
+pub fn net_syscalls() -> Vec<i64> {
+    vec![libc::SYS_ioctl]
+}
+
+/// Calls answered with `EACCES` instead of killing the process: glibc opens
+/// `/proc/sys/vm/overcommit_memory` the first time it shrinks a thread's malloc arena (a thread
+/// exiting, e.g. after a channel close) and copes with a failed open.
+fn refused_syscalls() -> Vec<i64> {
+    let mut v = vec![libc::SYS_openat];
+    #[cfg(target_arch = "x86_64")]
+    v.push(libc::SYS_open);
+    v
+}
+
 fn arch() -> Result<TargetArch, SeccompError> {
     TargetArch::try_from(std::env::consts::ARCH)
         .map_err(|_| SeccompError::Arch(std::env::consts::ARCH))
@@ -105,9 +140,26 @@ pub fn program(extra: &[i64]) -> Result<BpfProgram, SeccompError> {
     let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = base_syscalls()
         .into_iter()
         .chain(extra.iter().copied())
+        .chain(refused_syscalls())
         .map(|nr| (nr, Vec::new()))
         .collect();
     let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, arch()?)?;
+    Ok(filter.try_into()?)
+}
+
+/// The second, stacked filter: [`refused_syscalls`] fail with `EACCES` (the kernel applies the
+/// most restrictive answer of all filters, so these are allowed by [`program`] and refused here).
+fn refusals() -> Result<BpfProgram, SeccompError> {
+    let rules = refused_syscalls()
+        .into_iter()
+        .map(|nr| (nr, Vec::new()))
+        .collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        arch()?,
+    )?;
     Ok(filter.try_into()?)
 }
 
@@ -121,21 +173,24 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
         // inside it (siginfo_t is 128 bytes).
         unsafe { info.cast::<u8>().add(24).cast::<i32>().read_unaligned() }
     };
-    let mut msg = *b"VSP seccomp: forbidden system call           \n";
+    const PREFIX: &[u8] = b"VSP seccomp: forbidden system call ";
+    let mut num = [0u8; 12];
+    let mut at = num.len() - 1;
+    num[at] = b'\n';
     let mut n = nr.unsigned_abs();
-    let mut at = msg.len() - 2;
     loop {
-        msg[at] = b'0' + (n % 10) as u8;
+        at -= 1;
+        num[at] = b'0' + (n % 10) as u8;
         n /= 10;
-        if n == 0 || at == 36 {
+        if n == 0 || at == 0 {
             break;
         }
-        at -= 1;
     }
     // SAFETY: write(2) and _exit(2) are async-signal-safe and allowed by every filter; the buffer
     // is valid for its length.
     unsafe {
-        libc::write(2, msg.as_ptr().cast(), msg.len());
+        libc::write(2, PREFIX.as_ptr().cast(), PREFIX.len());
+        libc::write(2, num[at..].as_ptr().cast(), num.len() - at);
         libc::_exit(EXIT_FORBIDDEN);
     }
 }
@@ -143,6 +198,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
 /// Installs the allow-list (`base_syscalls() + extra`) on every thread of the process.
 pub fn install(extra: &[i64]) -> Result<(), SeccompError> {
     let prog = program(extra)?;
+    let refuse = refusals()?;
     // SAFETY: a zeroed sigaction is valid; the handler only makes async-signal-safe calls.
     unsafe {
         let mut sa: libc::sigaction = std::mem::zeroed();
@@ -153,6 +209,7 @@ pub fn install(extra: &[i64]) -> Result<(), SeccompError> {
             return Err(SeccompError::Signal(std::io::Error::last_os_error()));
         }
     }
+    seccompiler::apply_filter_all_threads(&refuse)?;
     seccompiler::apply_filter_all_threads(&prog)?;
     tracing::info!(
         syscalls = base_syscalls().len() + extra.len(),
@@ -194,8 +251,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn filter_compiles_with_additions() {
-        let p = program(&[libc::SYS_io_uring_enter]).unwrap();
-        assert!(p.len() > base_syscalls().len());
+    fn filters_compile_with_additions() {
+        let p = program(&storage_syscalls()).unwrap();
+        assert!(p.len() > base_syscalls().len() + storage_syscalls().len());
+        assert!(!refusals().unwrap().is_empty());
+        for nr in [libc::SYS_socket, libc::SYS_execve, libc::SYS_openat] {
+            assert!(!base_syscalls().contains(&nr), "{nr} must stay forbidden");
+        }
     }
 }

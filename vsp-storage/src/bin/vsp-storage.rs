@@ -57,6 +57,9 @@ struct ServeArgs {
     /// Open raw images with O_DIRECT.
     #[arg(long)]
     direct: bool,
+    /// Do not install the steady-state seccomp allow-list.
+    #[arg(long)]
+    no_seccomp: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -114,6 +117,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         vsp.add_raw_lun(LunAddr::new(0, 0, 0), Arc::new(disk));
     }
     let mut vsp = vsp;
+    if !args.no_seccomp {
+        use vmbus_core::oop::seccomp;
+        seccomp::install(&seccomp::storage_syscalls()).context("seccomp")?;
+        seccomp::selftest_from_env();
+    }
     tracing::info!(disk = %args.disk.display(), vhd, "vsp-storage serving");
     vmbus_core::oop::serve(&conn, &mut vsp).context("serving the VMM")?;
     Ok(())
