@@ -209,6 +209,12 @@ pub fn serve_child() -> anyhow::Result<bool> {
             .collect::<anyhow::Result<Vec<u8>>>()?;
         HostedDevice::restore(&mut vsp, &state).map_err(|e| anyhow!("restore: {e}"))?;
     }
+    // The steady-state allow-list of `vsp-storage serve` (opt out with VSP_NO_SECCOMP=1).
+    if std::env::var("VSP_NO_SECCOMP").is_err() {
+        use vmbus_core::oop::seccomp;
+        seccomp::install(&seccomp::storage_syscalls())?;
+        seccomp::selftest_from_env();
+    }
     serve(&conn, &mut vsp).map_err(|e| anyhow!("serve: {e}"))?;
     Ok(true)
 }

@@ -56,6 +56,7 @@ pub fn base_syscalls() -> Vec<i64> {
         libc::SYS_rt_sigaction,
         libc::SYS_rt_sigprocmask,
         libc::SYS_rt_sigreturn,
+        libc::SYS_restart_syscall,
         libc::SYS_sigaltstack,
         libc::SYS_futex,
         libc::SYS_sched_yield,

@@ -35,6 +35,10 @@ pub trait DeviceHost: Send {
     fn gpadl_created(&mut self, gpadl: &Gpadl) -> Result<(), HarnessError>;
     /// Sub-channel counts the device asked the bus to offer since the last call.
     fn take_subchannel_requests(&mut self) -> Vec<u16>;
+    /// The supervisor of a device in a child process (kill / restart / state tests).
+    fn supervisor(&mut self) -> Option<&mut Supervisor> {
+        None
+    }
 }
 
 /// Sub-channel requests a device makes (its [`ChannelControl`]); the VM offers them.
@@ -301,10 +305,19 @@ impl DeviceHost for ProcessHost {
     }
 
     fn gpadl_created(&mut self, gpadl: &Gpadl) -> Result<(), HarnessError> {
-        self.table.publish(self.memory.as_ref(), gpadl)
+        self.table.publish(self.memory.as_ref(), gpadl)?;
+        // Also through the protocol (what `vsp-net serve` looks buffers up in); kept by the
+        // supervisor for restarts.
+        self.sup
+            .add_gpadl(gpadl.clone())
+            .map_err(|e| HarnessError::Device(e.to_string()))
     }
 
     fn take_subchannel_requests(&mut self) -> Vec<u16> {
         Vec::new()
+    }
+
+    fn supervisor(&mut self) -> Option<&mut Supervisor> {
+        Some(&mut self.sup)
     }
 }

@@ -6,8 +6,8 @@
 //! - [`InProcessHost`]: any [`VmbusDevice`] (netvsp in the tests) built from [`DeviceResources`]
 //!   (guest RAM, the GPADL table, ring mapping, doorbells, sub-channel requests);
 //! - [`ProcessHost`]: the device in a child process behind `vmbus_core::oop::Supervisor` and
-//!   `serve`; GPADLs reach the child through a table in reserved guest pages
-//!   ([`GpadlSideTable`]), because the out-of-process protocol carries only memory and rings.
+//!   `serve`; GPADLs reach the child through the protocol (`Gpadl` messages) and, for devices
+//!   that look them up themselves, a table in reserved guest pages ([`GpadlSideTable`]).
 //!
 //! [`NetVm`] does the bring-up (connect, offers, ring GPADLs, open, the driver's GPADLs and
 //! sub-channels) and services the rings; [`smol`] puts a smoltcp interface on top so tests speak

@@ -175,6 +175,10 @@ pub(crate) struct Core<R: RingMem> {
     pub offered: u16,
     /// The in-flight journal receive buffers record lent sections in (VSP processes).
     pub journal: Option<super::journal::RxJournal>,
+    /// Until then a backend link that looks down is not reported (a resumed session: the TAP's
+    /// operational state follows its re-attached reader asynchronously, ~1 s in Linux's
+    /// linkwatch, and the guest must not see a restart as a cable pull).
+    pub link_grace_until: Option<std::time::Instant>,
 }
 
 impl<R: RingMem> Core<R> {
@@ -204,6 +208,7 @@ impl<R: RingMem> Core<R> {
             stats: NetvspStats::default(),
             offered: 0,
             journal: None,
+            link_grace_until: None,
         }
     }
 
@@ -362,6 +367,13 @@ impl<R: RingMem> Core<R> {
         };
         let up = self.backend.link_up();
         if up == reported || self.rndis.phase != RndisPhase::Initialized {
+            return;
+        }
+        if !up
+            && self
+                .link_grace_until
+                .is_some_and(|t| std::time::Instant::now() < t)
+        {
             return;
         }
         use vmbus_core::devices::rndis::{indicate_status, status as rs};

@@ -51,12 +51,6 @@ pub struct ServeArgs {
     pub no_seccomp: bool,
 }
 
-/// System calls `vsp-net serve` needs beyond [`seccomp::base_syscalls`]: TAP and interface
-/// ioctls (link state, offloads), nothing else.
-pub fn extra_syscalls() -> Vec<i64> {
-    vec![libc::SYS_ioctl]
-}
-
 /// Parses `aa:bb:cc:dd:ee:ff`.
 pub fn parse_mac(s: &str) -> anyhow::Result<[u8; 6]> {
     let parts: Vec<&str> = s.split([':', '-']).collect();
@@ -149,7 +143,7 @@ pub fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let mut dev = HostedNetvsp::new(cfg, backend, Some(Box::new(VmmSubchannels(sub_conn))));
     if !args.no_seccomp {
-        seccomp::install(&extra_syscalls()).context("seccomp")?;
+        seccomp::install(&seccomp::net_syscalls()).context("seccomp")?;
         seccomp::selftest_from_env();
     }
     tracing::info!(

@@ -18,6 +18,8 @@ const MAGIC: u32 = 0x5353_564e; // "NVSS"
 const FORMAT: u32 = 1;
 /// Longest RSS indirection table kept (NDIS allows 128 entries for Linux guests).
 const MAX_RSS_TABLE: usize = 1024;
+/// How long a resumed session ignores a backend link that looks down (see `Core::link_grace_until`).
+const LINK_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// A registered guest buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -367,6 +369,7 @@ impl<R: RingMem> Core<R> {
         });
         rndis.reported_link = st.reported_link;
         self.rndis = rndis;
+        self.link_grace_until = Some(std::time::Instant::now() + LINK_GRACE);
         Ok(inherited)
     }
 }
