@@ -186,3 +186,58 @@ impl HostedDevice for HostedNetvsp {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::MemoryBackend;
+    use crate::netvsp::SavedBuffer;
+
+    fn hosted() -> HostedNetvsp {
+        let (backend, _h) = MemoryBackend::new([2, 0, 0, 0, 0, 1], 16);
+        let cfg = NetvspConfig {
+            max_queues: 2,
+            ..NetvspConfig::default()
+        };
+        HostedNetvsp::new(cfg, Box::new(backend), None)
+    }
+
+    #[test]
+    fn restore_refuses_garbage_and_keeps_a_good_state_for_the_next_save() {
+        let mut h = hosted();
+        assert!(h.save().is_empty(), "nothing to save before a session");
+        h.restore(&[]).unwrap();
+        for bad in [&b"garbage"[..], &[0u8; 64][..], &[0xff; 3][..]] {
+            assert!(matches!(h.restore(bad), Err(DeviceError::BadSavedState(_))));
+        }
+        let st = SavedState {
+            nvsp_version: Some(vmbus_core::devices::nvsp::version::V5),
+            ndis_version: Some((6, 30)),
+            ndis_config: Some((1514, 0, 0)),
+            mtu: 1514,
+            granted: 1,
+            table_pending: false,
+            offered: 1,
+            rx: Some(SavedBuffer {
+                handle: 0x10,
+                id: 0xcafe,
+                section_size: 1806,
+            }),
+            tx: None,
+            rndis_phase: 1,
+            filter: 0x1b,
+            mac: [2, 0, 0, 0, 0, 1],
+            rx_csum: (true, true, true),
+            rss: None,
+            reported_link: Some(true),
+        };
+        h.restore(&st.encode()).unwrap();
+        // A VMM that saves again before the channels re-open gets the same session back.
+        assert_eq!(SavedState::decode(&h.save(), 2).unwrap(), st);
+        // More sub-channels than this device has queues: refused.
+        let mut too_many = st.clone();
+        too_many.granted = 3;
+        too_many.offered = 3;
+        assert!(h.restore(&too_many.encode()).is_err());
+    }
+}

@@ -105,3 +105,98 @@ impl RxJournal {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::buffers::ReceiveBuffer;
+    use super::*;
+    use vmbus_core::gpadl::{Gpadl, GpadlRange};
+
+    fn journal() -> RxJournal {
+        let f = ringbuf::mmap::ring_memfd("netvsp-journal-test", 4096).unwrap();
+        RxJournal::new(Arc::new(InflightRegion::map(f.into(), 4096).unwrap()))
+    }
+
+    fn gpadl(handle: u32) -> Gpadl {
+        Gpadl {
+            handle,
+            relid: 1,
+            ranges: vec![GpadlRange {
+                byte_offset: 0,
+                byte_count: 4 * 4096,
+                first_pfn: 0,
+                pfn_count: 4,
+            }],
+            pfns: (100..104).collect(),
+        }
+    }
+
+    #[test]
+    fn a_successor_keeps_what_the_guest_holds_and_ignores_stale_completions() {
+        let j = journal();
+        let mut rb = ReceiveBuffer::new(&gpadl(0xe1), 0xcafe, 1806)
+            .unwrap()
+            .with_journal(j.clone());
+        assert_eq!(rb.count, 9);
+        // Packet a (sections 0, 1) reached the guest; b (2) too and was completed; c (3) only
+        // waited for ring space when the process died.
+        let (s0, s1, s2, s3) = (
+            rb.alloc().unwrap(),
+            rb.alloc().unwrap(),
+            rb.alloc().unwrap(),
+            rb.alloc().unwrap(),
+        );
+        let a = rb.lend(vec![s0, s1]);
+        rb.publishing(a, true);
+        let b = rb.lend(vec![s2]);
+        rb.publishing(b, true);
+        let c = rb.lend(vec![s3]);
+        rb.publishing(c, true);
+        rb.publishing(c, false); // ring full: unmarked, waits in memory
+        assert!(rb.complete(b));
+        drop(rb);
+
+        let (mut next, inherited) =
+            ReceiveBuffer::resume(&gpadl(0xe1), 0xcafe, 1806, Some(j.clone())).unwrap();
+        assert_eq!(inherited, 2, "sections 0 and 1 are still the guest's");
+        assert_eq!(next.free_sections(), 7);
+        assert_eq!(next.outstanding_packets(), 1);
+        // The guest's completion of `b`, read again from the ring, frees nothing; new ids are
+        // above every old one, so it cannot match a re-lent section either.
+        assert!(!next.complete(b));
+        let fresh: Vec<u32> = (0..7).map(|_| next.alloc().unwrap()).collect();
+        assert!(!fresh.contains(&s0) && !fresh.contains(&s1));
+        let d = next.lend(fresh);
+        assert!(d > c);
+        assert!(!next.complete(c), "c never reached the guest");
+        // The guest completes `a`: its sections come back, once.
+        assert!(next.complete(a));
+        assert!(!next.complete(a));
+        assert_eq!(next.free_sections(), 2);
+
+        // A journal describing another buffer is not trusted: everything starts free.
+        let (other, n) = ReceiveBuffer::resume(&gpadl(0xe2), 1, 1806, Some(j)).unwrap();
+        assert_eq!((n, other.free_sections()), (0, 9));
+    }
+
+    #[test]
+    fn sections_beyond_the_journal_are_not_used() {
+        let j = journal();
+        let cap = j.capacity();
+        assert_eq!(cap, (4096 - 16) / 8);
+        let big = Gpadl {
+            handle: 9,
+            relid: 1,
+            ranges: vec![GpadlRange {
+                byte_offset: 0,
+                byte_count: 256 * 4096,
+                first_pfn: 0,
+                pfn_count: 256,
+            }],
+            pfns: (1000..1256).collect(),
+        };
+        let rb = ReceiveBuffer::new(&big, 1, 1806).unwrap().with_journal(j);
+        assert_eq!(rb.count, cap);
+        assert_eq!(rb.free_sections(), cap as usize);
+    }
+}
