@@ -53,42 +53,62 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 mkdir -p "$cache"
-# A half-finished build stays in its temp dir; only a complete one is renamed to $out.
+# A half-finished build stays in its temp dir; only a complete one is renamed into place.
 work=$(mktemp -d "$cache/.build-$hash.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 started=$SECONDS
 
-log "unpacking linux-source-6.1 into $work"
-tar -C "$work" -xf /usr/src/linux-source-6.1.tar.xz
-src="$work/linux-source-6.1"
-
-log "configuring (tinyconfig + fragment + virtio)"
+# The kernel has its own cache entry keyed by its config inputs only, so changing /init below
+# rebuilds the initramfs in seconds instead of the kernel in minutes.
 cfg="$work/wanted.config"
 { grep -E '^(CONFIG_|# CONFIG_)' "$fragment"; printf '%s\n' "$qemu_options"; } >"$cfg"
-make -C "$src" -s tinyconfig >&2
-(cd "$src" && ./scripts/kconfig/merge_config.sh -m .config "$cfg" >&2)
-make -C "$src" -s olddefconfig >&2
+khash=$(sha256sum <"$cfg" | cut -c1-16)
+kdir="$cache/kernel-$khash"
 
-# merge_config drops options whose dependencies are missing without failing: check every wanted one.
-missing=()
-while read -r line; do
-    case "$line" in
-    CONFIG_*=y) grep -qx "$line" "$src/.config" || missing+=("$line") ;;
-    "# CONFIG_"*" is not set")
-        opt=${line#\# }
-        opt=${opt%% *}
-        ! grep -q "^$opt=" "$src/.config" || missing+=("$line")
-        ;;
-    esac
-done <"$cfg"
-if [ ${#missing[@]} -gt 0 ]; then
-    log "FAIL: options not in the final .config: ${missing[*]}"
-    exit 1
+build_kernel() {
+    log "unpacking linux-source-6.1 into $work"
+    tar -C "$work" -xf /usr/src/linux-source-6.1.tar.xz
+    src="$work/linux-source-6.1"
+
+    log "configuring (tinyconfig + fragment + virtio)"
+    make -C "$src" -s tinyconfig >&2
+    (cd "$src" && ./scripts/kconfig/merge_config.sh -m .config "$cfg" >&2)
+    make -C "$src" -s olddefconfig >&2
+
+    # merge_config drops options whose dependencies are missing without failing: check every wanted one.
+    missing=()
+    while read -r line; do
+        case "$line" in
+        CONFIG_*=y) grep -qx "$line" "$src/.config" || missing+=("$line") ;;
+        "# CONFIG_"*" is not set")
+            opt=${line#\# }
+            opt=${opt%% *}
+            ! grep -q "^$opt=" "$src/.config" || missing+=("$line")
+            ;;
+        esac
+    done <"$cfg"
+    if [ ${#missing[@]} -gt 0 ]; then
+        log "FAIL: options not in the final .config: ${missing[*]}"
+        exit 1
+    fi
+
+    log "building bzImage (make -j2)"
+    make -C "$src" -s -j2 bzImage >&2
+    log "kernel built in $((SECONDS - started)) s"
+    kstage="$work/kernel"
+    mkdir -p "$kstage"
+    cp "$src/arch/x86/boot/bzImage" "$src/vmlinux" "$kstage/"
+    cp "$src/.config" "$kstage/config"
+    gcc -O1 -o "$kstage/gen_init_cpio" "$src/usr/gen_init_cpio.c"
+    rm -rf "$kdir" "$src"
+    mv "$kstage" "$kdir"
+}
+
+if [ -f "$kdir/bzImage" ] && [ -f "$kdir/vmlinux" ] && [ -x "$kdir/gen_init_cpio" ]; then
+    log "kernel cache hit: $kdir"
+else
+    build_kernel
 fi
-
-log "building bzImage (make -j2)"
-make -C "$src" -s -j2 bzImage >&2
-log "kernel built in $((SECONDS - started)) s"
 
 log "building initramfs"
 root="$work/initramfs"
@@ -120,6 +140,7 @@ wait_dev() {
 # dropped so the read-back comes from the device, then compared.
 blk_pass() {
     dd if=/dev/urandom of=/tmp/pat bs=1M count="$MIB" 2>/dev/null || return 1
+    echo "VTEST write offset_mib $1"
     dd if=/tmp/pat of="$DISK" bs=1M seek="$1" conv=fsync 2>/dev/null || { echo "write failed"; return 1; }
     sync
     blockdev --flushbufs "$DISK"
@@ -200,7 +221,6 @@ hv)
 esac
 INIT
 chmod 755 "$root/init"
-gcc -O1 -o "$work/gen_init_cpio" "$src/usr/gen_init_cpio.c"
 # gen_init_cpio makes the device nodes without root and keeps /dev/console for the kernel's first open.
 cat >"$work/initramfs.list" <<EOF
 dir /dev 0755 0 0
@@ -213,12 +233,14 @@ dir /tmp 01777 0 0
 file /bin/busybox /bin/busybox 0755 0 0
 file /init $root/init 0755 0 0
 EOF
-"$work/gen_init_cpio" "$work/initramfs.list" | gzip -9 >"$work/initramfs.cpio.gz"
+"$kdir/gen_init_cpio" "$work/initramfs.list" | gzip -9 >"$work/initramfs.cpio.gz"
 
 stage="$work/out"
 mkdir -p "$stage"
-cp "$src/arch/x86/boot/bzImage" "$src/vmlinux" "$work/initramfs.cpio.gz" "$stage/"
-cp "$src/.config" "$stage/config"
+# Hard links where the file system allows: the kernel files are immutable once built.
+cp -l "$kdir/bzImage" "$kdir/vmlinux" "$kdir/config" "$stage/" 2>/dev/null ||
+    cp "$kdir/bzImage" "$kdir/vmlinux" "$kdir/config" "$stage/"
+cp "$work/initramfs.cpio.gz" "$stage/"
 rm -rf "$out"
 mv "$stage" "$out"
 log "done in $((SECONDS - started)) s: $out"

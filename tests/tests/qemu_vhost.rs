@@ -153,11 +153,28 @@ fn wait_for_socket(socket: &Path, limit: Duration) -> Result<()> {
     bail!("daemon socket {} did not appear", socket.display())
 }
 
+/// The serial console, QEMU's stderr and host events, time-stamped, in arrival order.
+#[derive(Default)]
+struct Console {
+    text: String,
+    vtest: Vec<String>,
+}
+
+impl Console {
+    fn push(&mut self, start: Instant, source: &str, line: &str) {
+        let t = start.elapsed().as_secs_f64();
+        self.text.push_str(&format!("{t:7.2} {source}{line}\n"));
+        if source.is_empty() && line.starts_with("VTEST") {
+            self.vtest.push(line.to_string());
+        }
+    }
+}
+
 /// A running QEMU whose serial console (stdout) is collected line by line.
 struct Guest {
     _qemu: Reaped,
     lines: Receiver<String>,
-    log: Arc<Mutex<String>>,
+    log: Arc<Mutex<Console>>,
     started: Instant,
 }
 
@@ -187,33 +204,31 @@ impl Guest {
         let mut child = cmd.spawn().context("spawning qemu-system-x86_64")?;
         let stdout = child.stdout.take().context("qemu stdout")?;
         let stderr = child.stderr.take().context("qemu stderr")?;
-        let log = Arc::new(Mutex::new(String::new()));
+        let started = Instant::now();
+        let log = Arc::new(Mutex::new(Console::default()));
         let (tx, rx) = mpsc::channel();
         let (log1, log2) = (log.clone(), log.clone());
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).split(b'\n') {
                 let Ok(line) = line else { break };
                 let line = String::from_utf8_lossy(&line).trim_end().to_string();
-                log1.lock().unwrap().push_str(&format!("{line}\n"));
+                log1.lock().unwrap().push(started, "", &line);
                 if tx.send(line).is_err() {
                     break;
                 }
             }
         });
         std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = BufReader::new(stderr).read_to_string(&mut s);
-            if !s.is_empty() {
-                log2.lock()
-                    .unwrap()
-                    .push_str(&format!("[qemu stderr]\n{s}"));
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                log2.lock().unwrap().push(started, "[qemu] ", &line);
             }
         });
         Ok(Guest {
             _qemu: Reaped(child),
             lines: rx,
             log,
-            started: Instant::now(),
+            started,
         })
     }
 
@@ -240,17 +255,25 @@ impl Guest {
 
     /// Every `VTEST` line seen so far.
     fn vtest_lines(&self) -> Vec<String> {
-        let log = self.log.lock().unwrap();
-        log.lines()
-            .filter(|l| l.starts_with("VTEST"))
-            .map(str::to_string)
-            .collect()
+        self.log.lock().unwrap().vtest.clone()
+    }
+
+    /// Puts a host event into the console log, where its order against the guest's lines shows.
+    fn mark(&self, what: &str) {
+        self.log.lock().unwrap().push(self.started, "[host] ", what);
+    }
+
+    /// `QEMU_VHOST_CONSOLE=1` prints every guest's console even when the test passes.
+    fn show_console(&self) {
+        if std::env::var_os("QEMU_VHOST_CONSOLE").is_some() {
+            eprintln!("{}", self.console());
+        }
     }
 
     fn console(&self) -> String {
         format!(
-            "----- guest console -----\n{}-------------------------",
-            self.log.lock().unwrap()
+            "----- guest console (s since QEMU start) -----\n{}-------------------------",
+            self.log.lock().unwrap().text
         )
     }
 }
@@ -324,13 +347,13 @@ fn read_raw(path: &Path) -> impl Fn(u64, &mut [u8]) + '_ {
     }
 }
 
-fn run_blk_guest(env: &Env, disk: &Path, format: &str) -> Vec<String> {
+fn run_blk_guest(env: &Env, disk: &Path, format: &str, readonly: bool) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("blk.sock");
     let bin = daemon_bin("vsp-storage", "vsp-storage").unwrap();
     let disk_s = disk.to_str().unwrap();
     let sock_s = socket.to_str().unwrap();
-    let args = [
+    let mut args = vec![
         "vhost-user-blk",
         "--socket",
         sock_s,
@@ -339,10 +362,16 @@ fn run_blk_guest(env: &Env, disk: &Path, format: &str) -> Vec<String> {
         "--format",
         format,
     ];
+    let mut append = "vtest=blk".to_string();
+    if readonly {
+        args.push("--readonly");
+        append.push_str(" vtest_ro=1");
+    }
     let _daemon = start_daemon(&bin, &args, &socket).unwrap();
-    let guest = Guest::start(env, "vtest=blk", &vhost_blk_device(&socket, false)).unwrap();
+    let guest = Guest::start(env, &append, &vhost_blk_device(&socket, false)).unwrap();
     let result = guest.wait_for("VTEST blk ok");
     let lines = guest.vtest_lines();
+    guest.show_console();
     if let Err(e) = result {
         panic!("{e:#}");
     }
@@ -352,8 +381,9 @@ fn run_blk_guest(env: &Env, disk: &Path, format: &str) -> Vec<String> {
     );
     // The guest saw the whole disk through the daemon.
     let size_line = lines.iter().find(|l| l.contains("size_bytes")).unwrap();
+    let ro = if readonly { 1 } else { 0 };
     assert!(
-        size_line.contains(&format!("size_bytes {DISK_BYTES} ")),
+        size_line.ends_with(&format!("size_bytes {DISK_BYTES} ro {ro}")),
         "{size_line}"
     );
     lines
@@ -369,7 +399,7 @@ fn vhost_user_blk_raw_guest_write_read_verify() {
         .unwrap()
         .set_len(DISK_BYTES)
         .unwrap();
-    let lines = run_blk_guest(&env, &disk, "raw");
+    let lines = run_blk_guest(&env, &disk, "raw", false);
     assert_eq!(check_regions(&lines, read_raw(&disk)), 1);
 }
 
@@ -382,13 +412,32 @@ fn vhost_user_blk_vhd_guest_write_read_verify() {
     let mut opts = vhd::CreateOptions::new(DISK_BYTES, vhd::DiskKind::Dynamic);
     opts.exact_size = true;
     drop(vhd::create(&disk, &opts).unwrap());
-    let lines = run_blk_guest(&env, &disk, "vhd");
+    let lines = run_blk_guest(&env, &disk, "vhd", false);
     // Read back through our VHD reader: the data went into allocated dynamic blocks.
     let image = vhd::Vhd::open(&disk, &vhd::OpenOptions::read_only()).unwrap();
     assert_eq!(image.size(), DISK_BYTES);
     let n = check_regions(&lines, |off, buf| image.read_at(off, buf).unwrap());
     assert_eq!(n, 1);
     assert!(image.allocated_blocks().unwrap().0 > 0);
+}
+
+#[test]
+fn vhost_user_blk_readonly_guest_cannot_write() {
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(env) = env() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
+    let pattern: Vec<u8> = (0..DISK_BYTES as usize).map(|i| (i / 4096) as u8).collect();
+    std::fs::write(&disk, &pattern).unwrap();
+    let lines = run_blk_guest(&env, &disk, "raw", true);
+    assert!(
+        lines.iter().any(|l| l == "VTEST blk ok readonly"),
+        "{lines:?}"
+    );
+    assert!(
+        std::fs::read(&disk).unwrap() == pattern,
+        "read-only disk changed"
+    );
 }
 
 #[test]
@@ -421,20 +470,23 @@ fn vhost_user_blk_survives_daemon_kill_and_restart() {
     )
     .unwrap();
     let mut kills = 0;
-    for pass in [2, 4] {
-        let step = guest.wait_for(&format!("VTEST pass {pass} start"));
+    for pass in [2, 4, 5] {
+        let step = guest.wait_for(&format!("VTEST write offset_mib {}", (pass - 1) * 4));
         if let Err(e) = step {
             panic!("{e:#}");
         }
-        // Into the pass's writes, so requests are in flight when the daemon dies.
-        std::thread::sleep(Duration::from_millis(300));
+        // Into the pass's 4 MiB of writes, so requests are in flight when the daemon dies.
+        std::thread::sleep(Duration::from_millis(150));
         drop(daemon);
         kills += 1;
+        guest.mark(&format!("daemon killed (kill {kills})"));
         // QEMU retries the socket every second; the new daemon binds the same path.
         daemon = start_daemon(&bin, &args, &socket).unwrap();
+        guest.mark("daemon restarted");
     }
     let result = guest.wait_for(&format!("VTEST blkloop ok passes {passes}"));
     let lines = guest.vtest_lines();
+    guest.show_console();
     if let Err(e) = result {
         panic!("{e:#}");
     }
@@ -580,6 +632,7 @@ fn vhost_user_net_guest_pings_and_transfers_into_netns() {
     .unwrap();
     let result = guest.wait_for("VTEST net ok");
     let lines = guest.vtest_lines();
+    guest.show_console();
     if let Err(e) = result {
         panic!("{e:#}");
     }
