@@ -474,7 +474,13 @@ impl Partition {
                 }
             }
         }
+        let sampler = rip_sampler(&shared.control, &handles);
         let reason = shared.control.wait(timeout);
+        // `wait` returned, so the partition is stopping: the sampler leaves its loop before any
+        // vCPU thread is joined.
+        if let Some(s) = sampler {
+            let _ = s.join();
+        }
         let guest_time = start.elapsed();
         stop_threads(&shared.control, handles);
         if let Some(e) = spawn_error {
@@ -493,6 +499,31 @@ impl Partition {
             emulation_fixups: load(&st.emulation_fixups),
         })
     }
+}
+
+/// With KVM_HOST_SAMPLE_RIP_MS=n, kicks every vCPU out of KVM_RUN every n ms so it logs its RIP
+/// (finding where a silent guest spins; the thread ends with the run).
+fn rip_sampler(control: &Arc<RunControl>, handles: &[JoinHandle<()>]) -> Option<JoinHandle<()>> {
+    use std::os::unix::thread::JoinHandleExt;
+    let ms: u64 = std::env::var("KVM_HOST_SAMPLE_RIP_MS").ok()?.parse().ok()?;
+    control
+        .sampling
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let threads: Vec<libc::pthread_t> = handles.iter().map(|h| h.as_pthread_t()).collect();
+    let control = control.clone();
+    std::thread::Builder::new()
+        .name("rip-sampler".into())
+        .spawn(move || {
+            while !control.stopping() {
+                std::thread::sleep(Duration::from_millis(ms.max(10)));
+                for &t in &threads {
+                    // SAFETY: `t` names a vCPU thread that is not joined yet: `run` joins this
+                    // sampler before it joins any vCPU thread.
+                    unsafe { libc::pthread_kill(t, kick_signal()) };
+                }
+            }
+        })
+        .ok()
 }
 
 fn kick_signal() -> i32 {

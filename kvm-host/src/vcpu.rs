@@ -56,6 +56,8 @@ pub struct ExitStats {
 #[derive(Debug, Default)]
 pub struct RunControl {
     stop: AtomicBool,
+    /// vCPUs log their RIP when kicked (a diagnostic sampler runs).
+    pub sampling: AtomicBool,
     reason: Mutex<Option<ExitReason>>,
     cv: Condvar,
 }
@@ -149,7 +151,15 @@ pub fn run_vcpu(vp: u32, mut vcpu: VcpuFd, shared: &VcpuShared) {
     while !shared.control.stopping() {
         let after = match vcpu.run() {
             Ok(exit) => handle_exit(vp, exit, shared),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => After::Nothing,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                if shared.control.sampling.load(Ordering::Relaxed)
+                    && let Ok(r) = vcpu.get_regs()
+                {
+                    // Where a guest that prints nothing spends its time (KVM_HOST_SAMPLE_RIP_MS).
+                    tracing::info!(vp, rip = format_args!("{:#x}", r.rip), "vCPU sample");
+                }
+                After::Nothing
+            }
             Err(e) => After::Stop(ExitReason::VcpuFailed {
                 vp,
                 detail: format!("KVM_RUN: {e}"),
