@@ -171,6 +171,7 @@ pub struct SplitQueue {
     chains: HashMap<u16, Vec<u16>>,
     avail_idx: u16,
     last_used: u16,
+    notified_idx: u16,
     pub kick: EventFd,
     pub call: EventFd,
 }
@@ -191,6 +192,7 @@ impl SplitQueue {
             chains: HashMap::new(),
             avail_idx: 0,
             last_used: 0,
+            notified_idx: 0,
             kick: EventFd::new(EFD_NONBLOCK)?,
             call: EventFd::new(EFD_NONBLOCK)?,
         })
@@ -308,6 +310,24 @@ impl SplitQueue {
 
     pub fn kick(&self) -> anyhow::Result<()> {
         self.kick.write(1).context("kick")
+    }
+
+    /// Kicks only if the device asked for it (EVENT_IDX `avail_event`, as Linux's
+    /// `vring_need_event`) since the last notification; use it when EVENT_IDX was negotiated.
+    pub fn notify(&mut self, ram: &GuestRam) -> anyhow::Result<bool> {
+        fence(Ordering::SeqCst);
+        let at = self.used.plus(4 + 8 * u64::from(self.size));
+        let event: u16 = ram
+            .mem
+            .load(at, Ordering::Acquire)
+            .map_err(|e| anyhow!("avail_event: {e}"))?;
+        let (new, old) = (self.avail_idx, self.notified_idx);
+        self.notified_idx = new;
+        let need = new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old);
+        if need {
+            self.kick()?;
+        }
+        Ok(need)
     }
 
     /// The used ring's index as the device last published it.
