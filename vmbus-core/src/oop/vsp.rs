@@ -6,10 +6,11 @@ use super::socket::{Connection, RecvError};
 use super::wire::{ChannelOpen, FEATURES, GpadlInfo, Message, PROTOCOL_VERSION, ProtocolError, ty};
 use crate::device::{ChannelControl, DeviceError, OpenChannelInfo};
 use crate::gpadl::{Gpadl, GpadlRange};
+use event_manager::{EventManager, EventOps, EventSet, Events, MutEventSubscriber, SubscriberOps};
 use ringbuf::mmap::MappedRing;
 use ringbuf::signal::Doorbell;
 use std::collections::{BTreeMap, BTreeSet};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::{Arc, RwLock};
 
 /// The GPADLs the VMM forwarded (validated against guest memory), shared with the device: what it
@@ -121,6 +122,8 @@ pub enum ServeError {
     Send(#[from] std::io::Error),
     #[error("VMM violated the protocol: {0}")]
     Protocol(#[from] ProtocolError),
+    #[error("event loop: {0}")]
+    EventLoop(event_manager::Error),
 }
 
 /// Reply status values.
@@ -144,6 +147,183 @@ impl ChannelControl for Bus<'_> {
     }
 }
 
+/// The VSP's control loop: everything the VMM has set up so far, fed one message at a time by an
+/// `event_manager` loop watching the socket. Only this loop takes control messages; the data path
+/// runs elsewhere — each device serves its channel rings on its own threads (storvsp: one per
+/// channel; netvsp: one worker for all of them), which spin briefly and then park on the channel's
+/// kick eventfd (`ringbuf::signal`). They stay off the event manager on purpose: a ring worker must
+/// not wait behind control messages (a memory table or an open can take milliseconds), and the
+/// spin-then-park receiver saves the epoll round trip when the guest keeps the ring busy.
+struct Control<'a> {
+    conn: &'a Connection,
+    device: &'a mut dyn HostedDevice,
+    memory: Option<Arc<GuestRegions>>,
+    open: BTreeSet<u32>,
+    gpadls: Arc<GpadlTable>,
+    inflight: Option<Arc<InflightRegion>>,
+    /// Set when serving ends: `Ok` when the VMM hung up, `Err` when it broke the protocol.
+    outcome: Option<Result<(), ServeError>>,
+}
+
+impl Control<'_> {
+    /// Takes one message off the socket (the loop saw it readable, so this does not block).
+    fn step(&mut self) {
+        match self.conn.recv(None) {
+            Ok((msg, fds)) => {
+                if let Err(e) = self.handle(msg, fds) {
+                    self.outcome = Some(Err(e));
+                }
+            }
+            Err(RecvError::Closed) => {
+                for relid in std::mem::take(&mut self.open) {
+                    self.device.close(relid);
+                }
+                self.outcome = Some(Ok(()));
+            }
+            Err(e) => self.outcome = Some(Err(e.into())),
+        }
+    }
+
+    fn handle(&mut self, msg: Message, fds: Vec<OwnedFd>) -> Result<(), ServeError> {
+        let conn = self.conn;
+        let reply = |request: u32, relid: u32, status: u32| Message::Reply {
+            request,
+            relid,
+            status,
+        };
+        match msg {
+            Message::SetMemory { regions } => {
+                let status = if !self.open.is_empty() {
+                    status::BAD_REQUEST
+                } else {
+                    match GuestRegions::map(&regions, fds) {
+                        Ok(m) => {
+                            self.memory = Some(Arc::new(m));
+                            status::OK
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "VSP: memory table refused");
+                            status::BAD_REQUEST
+                        }
+                    }
+                };
+                conn.send(&reply(ty::SET_MEMORY, 0, status), &[])?;
+            }
+            Message::Inflight { size } => {
+                let status = match fds.into_iter().next() {
+                    Some(fd) if self.open.is_empty() => match InflightRegion::map(fd, size) {
+                        Ok(r) => {
+                            self.inflight = Some(Arc::new(r));
+                            status::OK
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "VSP: in-flight journal refused");
+                            status::BAD_REQUEST
+                        }
+                    },
+                    _ => status::BAD_REQUEST,
+                };
+                conn.send(&reply(ty::INFLIGHT, 0, status), &[])?;
+            }
+            Message::Open(o) => {
+                let relid = o.relid;
+                let status = match (&self.memory, self.open.contains(&relid)) {
+                    (Some(mem), false) => {
+                        match open_channel(
+                            mem,
+                            &self.gpadls,
+                            self.inflight.as_ref(),
+                            o,
+                            fds,
+                            conn,
+                            self.device,
+                        ) {
+                            Ok(()) => {
+                                self.open.insert(relid);
+                                status::OK
+                            }
+                            Err(s) => s,
+                        }
+                    }
+                    _ => status::BAD_REQUEST,
+                };
+                conn.send(&reply(ty::OPEN, relid, status), &[])?;
+            }
+            Message::Close { relid } => {
+                let status = if self.open.remove(&relid) {
+                    self.device.close(relid);
+                    status::OK
+                } else {
+                    status::BAD_REQUEST
+                };
+                conn.send(&reply(ty::CLOSE, relid, status), &[])?;
+            }
+            Message::Gpadl(g) => {
+                let handle = g.handle;
+                let ok = self
+                    .memory
+                    .as_ref()
+                    .and_then(|m| validate_gpadl(g, m))
+                    .is_some_and(|g| self.gpadls.insert(g));
+                let status = if ok { status::OK } else { status::BAD_REQUEST };
+                conn.send(&reply(ty::GPADL, handle, status), &[])?;
+            }
+            Message::GpadlRevoke { handle } => {
+                let status = if self.gpadls.remove(handle) {
+                    status::OK
+                } else {
+                    status::BAD_REQUEST
+                };
+                conn.send(&reply(ty::GPADL_REVOKE, handle, status), &[])?;
+            }
+            Message::Retarget { relid, target_vp } => {
+                if self.open.contains(&relid) {
+                    self.device.retarget(relid, target_vp);
+                }
+            }
+            Message::Save => conn.send(
+                &Message::State {
+                    state: self.device.save(),
+                },
+                &[],
+            )?,
+            Message::Restore { state } => {
+                let status = match self.device.restore(&state) {
+                    Ok(()) => status::OK,
+                    Err(_) => status::DEVICE_ERROR,
+                };
+                conn.send(&reply(ty::RESTORE, 0, status), &[])?;
+            }
+            // The VMM's answer to OfferSubchannels.
+            Message::Reply {
+                request: ty::OFFER_SUBCHANNELS,
+                ..
+            } => {}
+            Message::Hello { .. } => return Err(ProtocolError::Unexpected("second Hello").into()),
+            _ => return Err(ProtocolError::Unexpected("VSP-to-VMM message from the VMM").into()),
+        }
+        Ok(())
+    }
+}
+
+impl MutEventSubscriber for Control<'_> {
+    fn init(&mut self, ops: &mut EventOps) {
+        let ev = Events::new_raw(self.conn.as_fd().as_raw_fd(), EventSet::IN);
+        if let Err(e) = ops.add(ev) {
+            self.outcome = Some(Err(ServeError::EventLoop(e)));
+        }
+    }
+
+    fn process(&mut self, events: Events, ops: &mut EventOps) {
+        if self.outcome.is_none() {
+            self.step();
+        }
+        if self.outcome.is_some() {
+            let _ = ops.remove(events);
+        }
+    }
+}
+
 /// Serves `device` until the VMM closes the connection (`Ok`) or breaks the protocol (`Err`; the
 /// caller exits and the VMM restarts it).
 pub fn serve(conn: &Connection, device: &mut dyn HostedDevice) -> Result<(), ServeError> {
@@ -163,128 +343,26 @@ pub fn serve(conn: &Connection, device: &mut dyn HostedDevice) -> Result<(), Ser
         },
         &[],
     )?;
-    let mut memory: Option<Arc<GuestRegions>> = None;
-    let mut open: BTreeSet<u32> = BTreeSet::new();
-    let gpadls = Arc::new(GpadlTable::default());
-    let mut inflight: Option<Arc<InflightRegion>> = None;
+    let mut em = EventManager::<Control<'_>>::new().map_err(ServeError::EventLoop)?;
+    let id = em.add_subscriber(Control {
+        conn,
+        device,
+        memory: None,
+        open: BTreeSet::new(),
+        gpadls: Arc::new(GpadlTable::default()),
+        inflight: None,
+        outcome: None,
+    });
     loop {
-        let (msg, fds) = match conn.recv(None) {
-            Ok(m) => m,
-            Err(RecvError::Closed) => {
-                for relid in std::mem::take(&mut open) {
-                    device.close(relid);
-                }
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
-        };
-        let reply = |request: u32, relid: u32, status: u32| Message::Reply {
-            request,
-            relid,
-            status,
-        };
-        match msg {
-            Message::SetMemory { regions } => {
-                let status = if !open.is_empty() {
-                    status::BAD_REQUEST
-                } else {
-                    match GuestRegions::map(&regions, fds) {
-                        Ok(m) => {
-                            memory = Some(Arc::new(m));
-                            status::OK
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "VSP: memory table refused");
-                            status::BAD_REQUEST
-                        }
-                    }
-                };
-                conn.send(&reply(ty::SET_MEMORY, 0, status), &[])?;
-            }
-            Message::Inflight { size } => {
-                let status = match fds.into_iter().next() {
-                    Some(fd) if open.is_empty() => match InflightRegion::map(fd, size) {
-                        Ok(r) => {
-                            inflight = Some(Arc::new(r));
-                            status::OK
-                        }
-                        Err(e) => {
-                            tracing::warn!(error = %e, "VSP: in-flight journal refused");
-                            status::BAD_REQUEST
-                        }
-                    },
-                    _ => status::BAD_REQUEST,
-                };
-                conn.send(&reply(ty::INFLIGHT, 0, status), &[])?;
-            }
-            Message::Open(o) => {
-                let relid = o.relid;
-                let status = match (&memory, open.contains(&relid)) {
-                    (Some(mem), false) => {
-                        match open_channel(mem, &gpadls, inflight.as_ref(), o, fds, conn, device) {
-                            Ok(()) => {
-                                open.insert(relid);
-                                status::OK
-                            }
-                            Err(s) => s,
-                        }
-                    }
-                    _ => status::BAD_REQUEST,
-                };
-                conn.send(&reply(ty::OPEN, relid, status), &[])?;
-            }
-            Message::Close { relid } => {
-                let status = if open.remove(&relid) {
-                    device.close(relid);
-                    status::OK
-                } else {
-                    status::BAD_REQUEST
-                };
-                conn.send(&reply(ty::CLOSE, relid, status), &[])?;
-            }
-            Message::Gpadl(g) => {
-                let handle = g.handle;
-                let ok = memory
-                    .as_ref()
-                    .and_then(|m| validate_gpadl(g, m))
-                    .is_some_and(|g| gpadls.insert(g));
-                let status = if ok { status::OK } else { status::BAD_REQUEST };
-                conn.send(&reply(ty::GPADL, handle, status), &[])?;
-            }
-            Message::GpadlRevoke { handle } => {
-                let status = if gpadls.remove(handle) {
-                    status::OK
-                } else {
-                    status::BAD_REQUEST
-                };
-                conn.send(&reply(ty::GPADL_REVOKE, handle, status), &[])?;
-            }
-            Message::Retarget { relid, target_vp } => {
-                if open.contains(&relid) {
-                    device.retarget(relid, target_vp);
-                }
-            }
-            Message::Save => conn.send(
-                &Message::State {
-                    state: device.save(),
-                },
-                &[],
-            )?,
-            Message::Restore { state } => {
-                let status = match device.restore(&state) {
-                    Ok(()) => status::OK,
-                    Err(_) => status::DEVICE_ERROR,
-                };
-                conn.send(&reply(ty::RESTORE, 0, status), &[])?;
-            }
-            // The VMM's answer to OfferSubchannels.
-            Message::Reply {
-                request: ty::OFFER_SUBCHANNELS,
-                ..
-            } => {}
-            Message::Hello { .. } => return Err(ProtocolError::Unexpected("second Hello").into()),
-            _ => return Err(ProtocolError::Unexpected("VSP-to-VMM message from the VMM").into()),
+        if let Some(r) = em
+            .subscriber_mut(id)
+            .map_err(ServeError::EventLoop)?
+            .outcome
+            .take()
+        {
+            return r;
         }
+        em.run().map_err(ServeError::EventLoop)?;
     }
 }
 
