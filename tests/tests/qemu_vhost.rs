@@ -572,7 +572,10 @@ fn accept_within(l: &TcpListener, limit: Duration) -> Result<std::net::TcpStream
 }
 
 #[test]
-#[ignore = "until the vsp-net binary has the vhost-user-net subcommand"]
+// QEMU 7.2's virtio-net sends SET_VRING_ENABLE when the guest sets FEATURES_OK, before
+// SET_FEATURES; the vhost crate refuses it (InactiveFeature(PROTOCOL_FEATURES)) and
+// VhostUserDaemon ends the connection, so the NIC never starts. Runs once vsp-net tolerates that.
+#[ignore = "vsp-net vhost-user-net drops QEMU 7.2 on SET_VRING_ENABLE before SET_FEATURES"]
 fn vhost_user_net_guest_pings_and_transfers_into_netns() {
     let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
     let Some(env) = env() else { return };
