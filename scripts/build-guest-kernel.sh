@@ -129,23 +129,42 @@ VT=$(arg vtest)
 DISK=$(arg vtest_disk); DISK=${DISK:-/dev/vda}
 MIB=$(arg vtest_mib); MIB=${MIB:-4}
 PASSES=$(arg vtest_passes); PASSES=${PASSES:-5}
+NCPU=$(nproc)
+SLICE=$((MIB / NCPU))
 
+WAIT=$(arg vtest_wait); WAIT=${WAIT:-10}
+# Devices probe asynchronously; wait up to vtest_wait seconds (slow emulated VMMs want more).
 wait_dev() {
     i=0
-    while [ ! -e "$1" ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+    while [ ! -e "$1" ] && [ $i -lt $((WAIT * 10)) ]; do sleep 0.1; i=$((i + 1)); done
     [ -e "$1" ]
 }
 
 # One pass: random data written over the first MIB MiB at offset SEEK MiB, flushed, the page cache
 # dropped so the read-back comes from the device, then compared.
 blk_pass() {
+    rm -f /tmp/back /tmp/err
     dd if=/dev/urandom of=/tmp/pat bs=1M count="$MIB" 2>/dev/null || return 1
     echo "VTEST write offset_mib $1"
-    dd if=/tmp/pat of="$DISK" bs=1M seek="$1" conv=fsync 2>/dev/null || { echo "write failed"; return 1; }
+    # One dd per CPU, pinned, each on its slice: with a multi-queue disk every queue carries I/O.
+    c=0
+    while [ $c -lt "$NCPU" ]; do
+        taskset $((1 << c)) dd if=/tmp/pat of="$DISK" bs=1M skip=$((c * SLICE)) seek=$(($1 + c * SLICE)) \
+            count=$SLICE conv=fsync 2>/dev/null || echo "write failed" >/tmp/err &
+        c=$((c + 1))
+    done
+    wait
     sync
     blockdev --flushbufs "$DISK"
     echo 3 >/proc/sys/vm/drop_caches
-    dd if="$DISK" of=/tmp/back bs=1M skip="$1" count="$MIB" 2>/dev/null || { echo "read failed"; return 1; }
+    c=0
+    while [ $c -lt "$NCPU" ]; do
+        taskset $((1 << c)) dd if="$DISK" of=/tmp/back bs=1M skip=$(($1 + c * SLICE)) seek=$((c * SLICE)) \
+            count=$SLICE conv=notrunc 2>/dev/null || echo "read failed" >/tmp/err &
+        c=$((c + 1))
+    done
+    wait
+    [ ! -e /tmp/err ] || { cat /tmp/err; return 1; }
     cmp /tmp/pat /tmp/back || { echo "verify mismatch"; return 1; }
     echo "VTEST md5 $(md5sum </tmp/pat | cut -d' ' -f1) offset_mib $1 mib $MIB"
 }
@@ -154,6 +173,7 @@ case "$VT" in
 blk)
     wait_dev "$DISK" || done_ "blk FAIL no $DISK"
     echo "VTEST blk size_bytes $(blockdev --getsize64 "$DISK") ro $(blockdev --getro "$DISK")"
+    echo "VTEST blk queues $(ls "/sys/block/${DISK#/dev/}/mq" | wc -l) cpus $NCPU"
     if [ "$(arg vtest_ro)" = 1 ]; then
         dd if="$DISK" of=/tmp/back bs=1M count=1 2>/dev/null || done_ "blk FAIL read"
         if dd if=/dev/zero of="$DISK" bs=4k count=1 conv=fsync 2>/dev/null; then
@@ -195,13 +215,14 @@ hv)
         [ -e "$d/class_id" ] && echo "VTEST hv vmbus $(basename "$d") class $(cat "$d/class_id")"
     done
     if wait_dev /dev/sda; then
-        DISK=/dev/sda MIB=1
+        DISK=/dev/sda MIB=$NCPU SLICE=1
         if blk_pass 0; then echo "VTEST hv disk ok"; else echo "VTEST hv disk FAIL"; fi
     else
         echo "VTEST hv disk none"
     fi
+    IP=$(arg vtest_ip); PEER=$(arg vtest_peer)
+    [ -z "$IP$PEER" ] || wait_dev /sys/class/net/eth0 || true
     if [ -e /sys/class/net/eth0 ]; then
-        IP=$(arg vtest_ip); PEER=$(arg vtest_peer)
         ip link set eth0 up
         [ -n "$IP" ] && ip addr add "$IP" dev eth0
         if [ -n "$PEER" ]; then

@@ -179,28 +179,28 @@ struct Guest {
 }
 
 impl Guest {
-    fn start(env: &Env, append: &str, devices: &[String]) -> Result<Guest> {
+    fn start(env: &Env, cpus: u32, append: &str, devices: &[String]) -> Result<Guest> {
         let mem = "256M";
         let mut cmd = Command::new(&env.qemu);
-        cmd.args([
-            "-machine", "q35", "-accel", "tcg", "-cpu", "max", "-smp", "1",
-        ])
-        .args(["-m", mem, "-nographic", "-no-reboot", "-nodefaults"])
-        .args(["-serial", "stdio", "-monitor", "none"])
-        // vhost-user needs guest RAM the daemon can map: a shared memfd.
-        .arg("-object")
-        .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
-        .args(["-numa", "node,memdev=mem"])
-        .arg("-kernel")
-        .arg(env.kernel.join("bzImage"))
-        .arg("-initrd")
-        .arg(env.kernel.join("initramfs.cpio.gz"))
-        .arg("-append")
-        .arg(format!("console=ttyS0 panic=-1 {append}"))
-        .args(devices)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        cmd.args(["-machine", "q35", "-accel", "tcg", "-cpu", "max"])
+            .arg("-smp")
+            .arg(cpus.to_string())
+            .args(["-m", mem, "-nographic", "-no-reboot", "-nodefaults"])
+            .args(["-serial", "stdio", "-monitor", "none"])
+            // vhost-user needs guest RAM the daemon can map: a shared memfd.
+            .arg("-object")
+            .arg(format!("memory-backend-memfd,id=mem,size={mem},share=on"))
+            .args(["-numa", "node,memdev=mem"])
+            .arg("-kernel")
+            .arg(env.kernel.join("bzImage"))
+            .arg("-initrd")
+            .arg(env.kernel.join("initramfs.cpio.gz"))
+            .arg("-append")
+            .arg(format!("console=ttyS0 panic=-1 {append}"))
+            .args(devices)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         let mut child = cmd.spawn().context("spawning qemu-system-x86_64")?;
         let stdout = child.stdout.take().context("qemu stdout")?;
         let stderr = child.stderr.take().context("qemu stderr")?;
@@ -278,13 +278,13 @@ impl Guest {
     }
 }
 
-fn vhost_blk_device(socket: &Path, reconnect: bool) -> Vec<String> {
+fn vhost_blk_device(socket: &Path, reconnect: bool, queues: u16) -> Vec<String> {
     let reconnect = if reconnect { ",reconnect=1" } else { "" };
     vec![
         "-chardev".into(),
         format!("socket,id=blk0,path={}{reconnect}", socket.display()),
         "-device".into(),
-        "vhost-user-blk-pci,chardev=blk0,num-queues=1".into(),
+        format!("vhost-user-blk-pci,chardev=blk0,num-queues={queues}"),
     ]
 }
 
@@ -347,28 +347,38 @@ fn read_raw(path: &Path) -> impl Fn(u64, &mut [u8]) + '_ {
     }
 }
 
-fn run_blk_guest(env: &Env, disk: &Path, format: &str, readonly: bool) -> Vec<String> {
+/// One guest run against `vsp-storage vhost-user-blk` on `disk`.
+struct BlkRun<'a> {
+    format: &'a str,
+    readonly: bool,
+    /// Daemon queues = guest vCPUs, so that each vCPU's pinned dd uses its own queue.
+    queues: u16,
+}
+
+fn run_blk_guest(env: &Env, disk: &Path, run: &BlkRun) -> Vec<String> {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("blk.sock");
     let bin = daemon_bin("vsp-storage", "vsp-storage").unwrap();
-    let disk_s = disk.to_str().unwrap();
-    let sock_s = socket.to_str().unwrap();
+    let queues = run.queues.to_string();
     let mut args = vec![
         "vhost-user-blk",
         "--socket",
-        sock_s,
+        socket.to_str().unwrap(),
         "--disk",
-        disk_s,
+        disk.to_str().unwrap(),
         "--format",
-        format,
+        run.format,
+        "--queues",
+        &queues,
     ];
     let mut append = "vtest=blk".to_string();
-    if readonly {
+    if run.readonly {
         args.push("--readonly");
         append.push_str(" vtest_ro=1");
     }
     let _daemon = start_daemon(&bin, &args, &socket).unwrap();
-    let guest = Guest::start(env, &append, &vhost_blk_device(&socket, false)).unwrap();
+    let devices = vhost_blk_device(&socket, false, run.queues);
+    let guest = Guest::start(env, u32::from(run.queues), &append, &devices).unwrap();
     let result = guest.wait_for("VTEST blk ok");
     let lines = guest.vtest_lines();
     guest.show_console();
@@ -376,15 +386,22 @@ fn run_blk_guest(env: &Env, disk: &Path, format: &str, readonly: bool) -> Vec<St
         panic!("{e:#}");
     }
     eprintln!(
-        "blk guest ({format}) done in {:.1} s",
+        "blk guest ({}, {} queue(s)) done in {:.1} s",
+        run.format,
+        run.queues,
         guest.started.elapsed().as_secs_f64()
     );
     // The guest saw the whole disk through the daemon.
     let size_line = lines.iter().find(|l| l.contains("size_bytes")).unwrap();
-    let ro = if readonly { 1 } else { 0 };
+    let ro = u8::from(run.readonly);
     assert!(
         size_line.ends_with(&format!("size_bytes {DISK_BYTES} ro {ro}")),
         "{size_line}"
+    );
+    let queues = format!("VTEST blk queues {} cpus {}", run.queues, run.queues);
+    assert!(
+        lines.contains(&queues),
+        "guest did not get the queues: {lines:?}"
     );
     lines
 }
@@ -399,7 +416,31 @@ fn vhost_user_blk_raw_guest_write_read_verify() {
         .unwrap()
         .set_len(DISK_BYTES)
         .unwrap();
-    let lines = run_blk_guest(&env, &disk, "raw", false);
+    let run = BlkRun {
+        format: "raw",
+        readonly: false,
+        queues: 1,
+    };
+    let lines = run_blk_guest(&env, &disk, &run);
+    assert_eq!(check_regions(&lines, read_raw(&disk)), 1);
+}
+
+#[test]
+fn vhost_user_blk_two_queues_two_vcpus() {
+    let _one = ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(env) = env() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let disk = dir.path().join("disk.raw");
+    std::fs::File::create(&disk)
+        .unwrap()
+        .set_len(DISK_BYTES)
+        .unwrap();
+    let run = BlkRun {
+        format: "raw",
+        readonly: false,
+        queues: 2,
+    };
+    let lines = run_blk_guest(&env, &disk, &run);
     assert_eq!(check_regions(&lines, read_raw(&disk)), 1);
 }
 
@@ -412,7 +453,12 @@ fn vhost_user_blk_vhd_guest_write_read_verify() {
     let mut opts = vhd::CreateOptions::new(DISK_BYTES, vhd::DiskKind::Dynamic);
     opts.exact_size = true;
     drop(vhd::create(&disk, &opts).unwrap());
-    let lines = run_blk_guest(&env, &disk, "vhd", false);
+    let run = BlkRun {
+        format: "vhd",
+        readonly: false,
+        queues: 1,
+    };
+    let lines = run_blk_guest(&env, &disk, &run);
     // Read back through our VHD reader: the data went into allocated dynamic blocks.
     let image = vhd::Vhd::open(&disk, &vhd::OpenOptions::read_only()).unwrap();
     assert_eq!(image.size(), DISK_BYTES);
@@ -429,7 +475,12 @@ fn vhost_user_blk_readonly_guest_cannot_write() {
     let disk = dir.path().join("disk.raw");
     let pattern: Vec<u8> = (0..DISK_BYTES as usize).map(|i| (i / 4096) as u8).collect();
     std::fs::write(&disk, &pattern).unwrap();
-    let lines = run_blk_guest(&env, &disk, "raw", true);
+    let run = BlkRun {
+        format: "raw",
+        readonly: true,
+        queues: 1,
+    };
+    let lines = run_blk_guest(&env, &disk, &run);
     assert!(
         lines.iter().any(|l| l == "VTEST blk ok readonly"),
         "{lines:?}"
@@ -465,8 +516,9 @@ fn vhost_user_blk_survives_daemon_kill_and_restart() {
     let mut daemon = start_daemon(&bin, &args, &socket).unwrap();
     let guest = Guest::start(
         &env,
+        1,
         &format!("vtest=blkloop vtest_passes={passes} vtest_mib=4"),
-        &vhost_blk_device(&socket, true),
+        &vhost_blk_device(&socket, true, 1),
     )
     .unwrap();
     let mut kills = 0;
@@ -629,6 +681,7 @@ fn vhost_user_net_guest_pings_and_transfers_into_netns() {
     ];
     let guest = Guest::start(
         &env,
+        1,
         "vtest=net vtest_ip=10.0.2.15/24 vtest_peer=10.0.2.2 vtest_port=5000",
         &devices,
     )
