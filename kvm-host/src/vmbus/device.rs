@@ -170,10 +170,10 @@ impl<D: HostedDevice + Send> BusDevice for Hosted<D> {
 /// Rings mapped by the bus, waiting for netvsp's [`vsp_net::netvsp::RingMapper`] to take them.
 pub type RingSlot = Arc<Mutex<Option<ChannelRings<MappedRing>>>>;
 
-/// netvsp in process. It has no [`HostedDevice`] implementation (its receive and send buffers are
-/// GPADLs it looks up in the server's table, which the VSP process protocol does not carry), so it
-/// is driven through [`VmbusDevice`]: the bus maps the rings and leaves them in `slot`, where the
-/// device's ring mapper (see [`netvsp_ring_mapper`]) picks them up.
+/// netvsp in process, driven through [`VmbusDevice`]: the bus maps the rings and leaves them in
+/// `slot`, where the device's ring mapper (see [`netvsp_ring_mapper`]) picks them up. (As a VSP
+/// process netvsp is `vsp_net::netvsp::HostedNetvsp` behind `vsp-net serve`, with its buffer
+/// GPADLs forwarded by the supervisor; this host does not start that yet.)
 pub struct NetvspDevice {
     pub device: Netvsp<MappedRing>,
     pub slot: RingSlot,
