@@ -27,7 +27,8 @@ step "QEMU and the guest kernel for tests/tests/qemu_vhost.rs"
 if ! command -v qemu-system-x86_64 >/dev/null 2>&1; then
     export DEBIAN_FRONTEND=noninteractive
     apt-get install -y -q --no-install-recommends qemu-system-x86 </dev/null ||
-        { apt-get update -q </dev/null && apt-get install -y -q --no-install-recommends qemu-system-x86 </dev/null; }
+        { apt-get update -q </dev/null && apt-get install -y -q --no-install-recommends qemu-system-x86 </dev/null; } ||
+        echo "qemu-system-x86 could not be installed: the QEMU tests will skip"
 fi
 kernel_started=$SECONDS
 VMBUS_GUEST_KERNEL_DIR=$(scripts/build-guest-kernel.sh </dev/null | tail -n 1)
