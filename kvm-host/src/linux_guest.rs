@@ -41,6 +41,8 @@ pub struct LinuxConfig {
     pub echo_serial: bool,
     /// Stop when a serial line contains one of these.
     pub stop_markers: Vec<String>,
+    /// [`PartitionConfig::time_dilation`].
+    pub time_dilation: u32,
 }
 
 /// One serial line and when the host saw it complete (from starting the vCPUs).
@@ -179,6 +181,7 @@ pub fn run(cfg: &LinuxConfig) -> Result<LinuxOutcome, LinuxGuestError> {
         mem_bytes: cfg.mem_bytes,
         vcpus: cfg.vcpus,
         serial: sink,
+        time_dilation: cfg.time_dilation,
         ..PartitionConfig::default()
     })?;
     let kernel = p.load_linux(&cfg.kernel, cfg.initrd.as_deref(), &cfg.cmdline)?;

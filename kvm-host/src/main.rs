@@ -104,6 +104,10 @@ struct RunArgs {
     /// Stop after this many seconds (0 = never).
     #[arg(long, default_value_t = 0)]
     timeout: u64,
+    /// Linux: guest time runs N times slower than host time (the Hyper-V TSC / LAPIC frequencies
+    /// are reported N times higher), so the emulated guest is not swamped by its timer tick.
+    #[arg(long, default_value_t = 1)]
+    time_dilation: u32,
 }
 
 #[derive(clap::Args, Debug)]
@@ -255,6 +259,7 @@ fn run_linux(a: RunArgs) -> Result<ExitCode> {
         timeout: Duration::from_secs(if a.timeout > 0 { a.timeout } else { 86_400 }),
         echo_serial: true,
         stop_markers: DEFAULT_STOP_MARKERS.iter().map(|m| m.to_string()).collect(),
+        time_dilation: a.time_dilation,
     };
     let o = linux_guest::run(&cfg)?;
     eprintln!(

@@ -100,6 +100,8 @@ pub struct PartitionConfig {
     /// Guest signals on open channels complete in the kernel (ioeventfd); `false` sends every
     /// one through the VMM (for comparisons).
     pub fast_signals: bool,
+    /// Guest time runs this many times slower than host time ([`HvPartition::time_dilated`]).
+    pub time_dilation: u32,
 }
 
 impl Default for PartitionConfig {
@@ -114,6 +116,7 @@ impl Default for PartitionConfig {
             },
             synic_queue_depth: DEFAULT_QUEUE_DEPTH,
             fast_signals: true,
+            time_dilation: 1,
         }
     }
 }
@@ -322,7 +325,9 @@ impl Partition {
                 attached: Mutex::default(),
             }));
         }
-        let hv = Arc::new(HvPartition::new(ram.clone(), synic, tsc_hz));
+        let hv = Arc::new(
+            HvPartition::new(ram.clone(), synic, tsc_hz).time_dilated(config.time_dilation),
+        );
 
         let com1_irq =
             EventFd::new(libc::EFD_NONBLOCK).map_err(|e| PartitionError::NoKvm(e.to_string()))?;

@@ -17,6 +17,8 @@ use kvm_host::linux_guest::{self, DEFAULT_STOP_MARKERS, LinuxConfig, LinuxOutcom
 const CMDLINE: &str = "console=ttyS0 noxsave clearcpuid=cx16,smap,smep,umip,popcnt \
     mitigations=off nokaslr tsc=reliable lpj=1000000 vtest=hv vtest_ip=10.0.0.2/24 \
     vtest_peer=10.0.0.1";
+/// Guest time runs this much slower than the host's: a Linux tick costs milliseconds emulated.
+const TIME_DILATION: u32 = 10;
 /// vmbus-devices.md: storvsc and netvsc class GUIDs as Linux prints them in `class_id`.
 const SCSI_CLASS: &str = "{ba6163d9-04a1-4d29-b605-72e2ffb1dc7f}";
 const NET_CLASS: &str = "{f8615163-df3e-46c5-913f-f2d2f965ed0e}";
@@ -87,6 +89,7 @@ fn linux_finds_vmbus_storvsc_disk_and_netvsc_nic() {
         timeout: Duration::from_secs(1200),
         echo_serial: false,
         stop_markers: DEFAULT_STOP_MARKERS.iter().map(|s| s.to_string()).collect(),
+        time_dilation: TIME_DILATION,
     })
     .unwrap();
     let _ = std::fs::remove_dir_all(&tmp);

@@ -122,6 +122,7 @@ pub struct HvPartition {
     vp_assist: Vec<Mutex<u64>>,
     start: Instant,
     tsc_hz: u64,
+    dilation: u64,
 }
 
 /// Port of the fast `HvSignalEvent` path: the hypercall page writes the connection id here
@@ -208,7 +209,18 @@ impl HvPartition {
             vp_assist: (0..vps).map(|_| Mutex::new(0)).collect(),
             start: Instant::now(),
             tsc_hz,
+            dilation: 1,
         }
+    }
+
+    /// Time dilation: the guest is told its TSC and LAPIC timer run `factor` times faster than
+    /// they do, and the reference counter `factor` times slower, so its clock — and its periodic
+    /// tick — runs `factor` times slower than the host's. Under this host's instruction emulator a
+    /// Linux tick costs milliseconds: at HZ=250 a loaded machine spent all guest time in the timer
+    /// interrupt (every RIP sample in tick code). Guest timeouts stretch by the same factor.
+    pub fn time_dilated(mut self, factor: u32) -> HvPartition {
+        self.dilation = u64::from(factor.max(1));
+        self
     }
 
     /// The SynIC.
@@ -234,7 +246,8 @@ impl HvPartition {
 
     /// 100 ns units since the partition was created.
     pub fn time_ref_count(&self) -> u64 {
-        u64::try_from(self.start.elapsed().as_nanos() / 100).unwrap_or(u64::MAX)
+        u64::try_from(self.start.elapsed().as_nanos() / 100 / u128::from(self.dilation))
+            .unwrap_or(u64::MAX)
     }
 
     /// RDMSR from VP `vp`.
@@ -245,9 +258,9 @@ impl HvPartition {
             msr::VP_INDEX => u64::from(vp),
             msr::TIME_REF_COUNT => self.time_ref_count(),
             msr::REFERENCE_TSC => self.msrs().reference_tsc,
-            msr::TSC_FREQUENCY => self.tsc_hz,
+            msr::TSC_FREQUENCY => self.tsc_hz.saturating_mul(self.dilation),
             // KVM's in-kernel LAPIC timer runs at 1 GHz.
-            msr::APIC_FREQUENCY => 1_000_000_000,
+            msr::APIC_FREQUENCY => 1_000_000_000u64.saturating_mul(self.dilation),
             msr::VP_ASSIST_PAGE => *self
                 .vp_assist
                 .get(vp as usize)

@@ -317,3 +317,24 @@ fn hypercall_stub_sends_only_plain_fast_signals_to_the_ioeventfd_port() {
     assert_eq!(&code[21..39], &fast_out);
     assert!(code.len() < 64);
 }
+
+#[test]
+fn time_dilation_scales_the_reported_frequencies_and_the_reference_counter() {
+    let plain = partition(1, 4);
+    let slow = partition(1, 4).time_dilated(10);
+    assert_eq!(slow.read_msr(0, msr::TSC_FREQUENCY), Ok(20_000_000_000));
+    assert_eq!(slow.read_msr(0, msr::APIC_FREQUENCY), Ok(10_000_000_000));
+    assert_eq!(plain.read_msr(0, msr::APIC_FREQUENCY), Ok(1_000_000_000));
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let (p, s) = (plain.time_ref_count(), slow.time_ref_count());
+    // 50 ms = 500_000 units undilated; the dilated clock saw a tenth (both started together,
+    // give or take the time between the two constructors).
+    assert!(p >= 500_000, "{p}");
+    assert!(s <= p / 10 + 1_000 && s >= 40_000, "{s} vs {p}");
+    assert_eq!(
+        partition(1, 4)
+            .time_dilated(0)
+            .read_msr(0, msr::TSC_FREQUENCY),
+        Ok(2_000_000_000)
+    );
+}
