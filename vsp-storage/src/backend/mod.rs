@@ -47,6 +47,33 @@ pub trait AsyncQueue: Send {
     fn in_flight(&self) -> usize;
     /// Most operations the queue accepts at once.
     fn depth(&self) -> usize;
+    /// With `on`, [`Self::submit`] only queues and [`Self::flush`] hands the batch to the kernel
+    /// (one system call for many requests). Off by default.
+    fn set_batching(&mut self, on: bool) {
+        let _ = on;
+    }
+    /// Reads into (`write == false`) or writes from caller memory described by `iov`, without a
+    /// bounce buffer; completes with `Ok(None)`. `Err(BlockError::Unsupported)` when this queue
+    /// cannot (the caller then uses [`Self::submit`]).
+    ///
+    /// # Safety
+    ///
+    /// Every iovec must stay valid for the access (and not be freed or unmapped) until the
+    /// operation's completion has been reaped or the queue has been dropped.
+    unsafe fn submit_vectored(
+        &mut self,
+        tag: u64,
+        offset: u64,
+        iov: Vec<libc::iovec>,
+        write: bool,
+    ) -> Result<(), BlockError> {
+        let _ = (tag, offset, iov, write);
+        Err(BlockError::Unsupported)
+    }
+    /// Starts every operation queued since the last flush.
+    fn flush(&mut self) -> Result<(), BlockError> {
+        Ok(())
+    }
 }
 
 /// A disk that can open asynchronous queues.

@@ -5,7 +5,7 @@
 //! Buffers belong to the queue while the kernel uses them; dropping the queue waits for everything
 //! in flight first.
 
-use super::raw::aligned_vec;
+use super::raw::{DIRECT_ALIGN, aligned_vec};
 use super::{AsyncQueue, QueueCompletion, QueueOp};
 use crate::block::{BlockError, check_range};
 use io_uring::{IoUring, opcode, types};
@@ -17,8 +17,13 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 enum Kind {
     Read,
-    Write { fua: bool },
+    Write {
+        fua: bool,
+    },
     Flush,
+    /// Vectored transfers on caller memory (`iov`), no bounce buffer.
+    ReadV,
+    WriteV,
 }
 
 /// One operation in flight: its buffer window `buf[start..start + len]` and progress.
@@ -29,6 +34,28 @@ struct Op {
     len: usize,
     offset: u64,
     done: usize,
+    /// What is left of the caller's buffers (vectored kinds).
+    iov: Vec<libc::iovec>,
+}
+
+// SAFETY: the iovecs point at memory the submitter of a vectored operation promised to keep valid
+// and unaliased until completion (`AsyncQueue::submit_vectored`); nothing here is thread-bound.
+unsafe impl Send for Op {}
+
+/// Drops the first `n` bytes of `iov` (after a short vectored transfer).
+fn advance(iov: &mut Vec<libc::iovec>, mut n: usize) {
+    let mut drop = 0;
+    for v in iov.iter_mut() {
+        if n >= v.iov_len {
+            n -= v.iov_len;
+            drop += 1;
+        } else {
+            v.iov_base = v.iov_base.cast::<u8>().wrapping_add(n).cast();
+            v.iov_len -= n;
+            break;
+        }
+    }
+    iov.drain(..drop);
 }
 
 /// An io_uring queue on a raw image file.
@@ -42,6 +69,8 @@ pub struct RawQueue {
     depth: usize,
     ops: HashMap<u64, Op>,
     ready: Vec<QueueCompletion>,
+    /// Submissions wait for `flush` (see [`AsyncQueue::set_batching`]).
+    batching: bool,
 }
 
 fn busy() -> BlockError {
@@ -71,6 +100,7 @@ impl RawQueue {
             depth: depth as usize,
             ops: HashMap::with_capacity(depth as usize),
             ready: Vec::new(),
+            batching: false,
         })
     }
 
@@ -91,6 +121,23 @@ impl RawQueue {
             Kind::Flush => opcode::Fsync::new(fd)
                 .flags(types::FsyncFlags::DATASYNC)
                 .build(),
+            // One buffer: the plain opcodes skip the kernel's iovec import.
+            Kind::ReadV if op.iov.len() == 1 => {
+                opcode::Read::new(fd, op.iov[0].iov_base.cast(), op.iov[0].iov_len as u32)
+                    .offset(off)
+                    .build()
+            }
+            Kind::WriteV if op.iov.len() == 1 => {
+                opcode::Write::new(fd, op.iov[0].iov_base.cast(), op.iov[0].iov_len as u32)
+                    .offset(off)
+                    .build()
+            }
+            Kind::ReadV => opcode::Readv::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
+                .offset(off)
+                .build(),
+            Kind::WriteV => opcode::Writev::new(fd, op.iov.as_ptr(), op.iov.len() as u32)
+                .offset(off)
+                .build(),
         }
         .user_data(tag)
     }
@@ -108,6 +155,9 @@ impl RawQueue {
             if unsafe { self.ring.submission().push(&sqe) }.is_ok() {
                 // Queued: the operation is in flight from here on, even if this submit fails
                 // (the next submit or wait hands it to the kernel).
+                if self.batching {
+                    return Ok(());
+                }
                 if let Err(e) = self.ring.submit() {
                     tracing::warn!(error = %e, "io_uring submit failed; retrying later");
                 }
@@ -144,6 +194,7 @@ impl AsyncQueue for RawQueue {
                     len,
                     offset,
                     done: 0,
+                    iov: Vec::new(),
                 }
             }
             QueueOp::Write { offset, data, fua } => {
@@ -167,6 +218,7 @@ impl AsyncQueue for RawQueue {
                     len,
                     offset,
                     done: 0,
+                    iov: Vec::new(),
                 }
             }
             QueueOp::Flush => Op {
@@ -176,6 +228,7 @@ impl AsyncQueue for RawQueue {
                 len: 0,
                 offset: 0,
                 done: 0,
+                iov: Vec::new(),
             },
         };
         if op.len == 0 && op.kind != Kind::Flush {
@@ -211,13 +264,16 @@ impl AsyncQueue for RawQueue {
                 continue;
             }
             if res == 0 {
-                let kind = if op.kind == Kind::Read {
+                let kind = if matches!(op.kind, Kind::Read | Kind::ReadV) {
                     io::ErrorKind::UnexpectedEof
                 } else {
                     io::ErrorKind::WriteZero
                 };
                 self.finish(tag, Err(io::Error::new(kind, "short transfer").into()));
                 continue;
+            }
+            if matches!(op.kind, Kind::ReadV | Kind::WriteV) {
+                advance(&mut op.iov, res as usize);
             }
             op.done = op.done.saturating_add(res as usize).min(op.len);
             if op.done < op.len {
@@ -245,6 +301,57 @@ impl AsyncQueue for RawQueue {
 
     fn depth(&self) -> usize {
         self.depth
+    }
+
+    fn set_batching(&mut self, on: bool) {
+        self.batching = on;
+    }
+
+    unsafe fn submit_vectored(
+        &mut self,
+        tag: u64,
+        offset: u64,
+        iov: Vec<libc::iovec>,
+        write: bool,
+    ) -> Result<(), BlockError> {
+        if self.ops.len() >= self.depth || self.ops.contains_key(&tag) {
+            return Err(busy());
+        }
+        if write && self.read_only {
+            return Err(BlockError::ReadOnly);
+        }
+        let len = iov.iter().map(|v| v.iov_len).sum::<usize>();
+        check_range(offset, len as u64, self.size, self.sector)?;
+        let aligned = |v: &libc::iovec| {
+            (v.iov_base as usize).is_multiple_of(DIRECT_ALIGN)
+                && v.iov_len.is_multiple_of(DIRECT_ALIGN)
+        };
+        if len == 0 || iov.len() > 1024 || (self.direct && !iov.iter().all(aligned)) {
+            // O_DIRECT needs aligned memory: the caller bounces through `submit` instead.
+            return Err(BlockError::Unsupported);
+        }
+        let op = Op {
+            kind: if write { Kind::WriteV } else { Kind::ReadV },
+            buf: Vec::new(),
+            start: 0,
+            len,
+            offset,
+            done: 0,
+            iov,
+        };
+        self.ops.insert(tag, op);
+        if let Err(e) = self.push(tag) {
+            self.ops.remove(&tag);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), BlockError> {
+        if !self.ring.submission().is_empty() {
+            self.ring.submit()?;
+        }
+        Ok(())
     }
 }
 
