@@ -695,3 +695,107 @@ fn inflight_requests_survive_a_daemon_kill() {
     );
     assert_eq!(gather(&s.ram, &r), db);
 }
+
+#[test]
+fn vhd_image_through_the_binary_uses_the_synchronous_path() {
+    use vsp_storage::block::BlockDevice;
+    use vsp_storage::vhd::{CreateOptions, DiskKind, OpenOptions, Vhd};
+    let dir = tempfile::tempdir().expect("tmp");
+    let path = dir.path().join("disk.vhd");
+    let mut o = CreateOptions::new(DISK, DiskKind::Dynamic);
+    o.exact_size = true;
+    drop(vsp_storage::vhd::create(&path, &o).expect("create vhd"));
+    let socket = dir.path().join("vhd.sock");
+    let d = spawn_daemon(
+        &socket,
+        &path,
+        &["--format", "auto", "--serial", "vhd-disk"],
+    );
+    let mut s = Session::open(&socket, 1, 64);
+    let (_, cfg) =
+        s.fe.get_config(0, 8, VhostUserConfigFlags::WRITABLE, &[0u8; 8])
+            .expect("config");
+    assert_eq!(cfg.as_slice(), &(DISK / 512).to_le_bytes());
+    let w = alloc_req(&mut s.ram, &[512, 4096, 3584]);
+    let data = fill(&s.ram, &w, 0x5c);
+    assert_eq!(
+        submit(&mut s, 0, &w, blk::T_OUT, 4000, false),
+        (blk::S_OK, 1)
+    );
+    let f = alloc_req(&mut s.ram, &[]);
+    assert_eq!(submit(&mut s, 0, &f, blk::T_FLUSH, 0, false).0, blk::S_OK);
+    let r = alloc_req(&mut s.ram, &[8192]);
+    assert_eq!(
+        submit(&mut s, 0, &r, blk::T_IN, 4000, true),
+        (blk::S_OK, 8193)
+    );
+    assert_eq!(gather(&s.ram, &r), data);
+    let id = alloc_req(&mut s.ram, &[20]);
+    assert_eq!(submit(&mut s, 0, &id, blk::T_GET_ID, 0, true).0, blk::S_OK);
+    assert_eq!(&gather(&s.ram, &id)[..9], b"vhd-disk\0");
+    drop(s);
+    drop(d);
+    // The image itself holds the data (read with the VHD code, not through the daemon).
+    let vhd = Vhd::open(&path, &OpenOptions::default()).expect("reopen");
+    let mut back = vec![0u8; data.len()];
+    vhd.read_at(4000 * 512, &mut back).expect("read");
+    assert_eq!(back, data);
+}
+
+#[test]
+fn o_direct_with_unaligned_guest_buffers_bounces() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let disk = image(dir.path());
+    let ro = RawOptions {
+        direct: true,
+        ..RawOptions::default()
+    };
+    let raw = match RawDisk::open(&disk, &ro) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            eprintln!("skipping: O_DIRECT unavailable on this file system: {e}");
+            return;
+        }
+    };
+    let dev = Arc::new(BlkDevice::new(
+        raw.clone(),
+        Some(raw),
+        BlkOptions::default(),
+    ));
+    let socket = dir.path().join("direct.sock");
+    let mut server = BlkServer::bind(&socket, dev).expect("bind");
+    let stop = server.stop_handle();
+    let thread = std::thread::spawn(move || server.serve().expect("serve"));
+    let _d = InProcess {
+        stop,
+        thread: Some(thread),
+        socket: socket.clone(),
+    };
+    let mut s = Session::open(&socket, 1, 64);
+    // Buffers 512 bytes off page alignment: O_DIRECT cannot take them as they are.
+    let base = s.ram.alloc(3 * 8192, 4096).expect("alloc");
+    let req = |s: &mut Session| Req {
+        hdr: s.ram.alloc(16, 16).expect("alloc"),
+        data: vec![
+            (GuestAddress(base.0 + 512), 4096),
+            (GuestAddress(base.0 + 8192 + 512), 4096),
+        ],
+        status: s.ram.alloc(1, 1).expect("alloc"),
+    };
+    let w = req(&mut s);
+    let data = fill(&s.ram, &w, 0x77);
+    assert_eq!(submit(&mut s, 0, &w, blk::T_OUT, 16, false), (blk::S_OK, 1));
+    assert_eq!(file_bytes(&disk, 16 * 512, 8192), data);
+    s.ram
+        .write(GuestAddress(base.0 + 512), &[0u8; 4096])
+        .expect("clear");
+    s.ram
+        .write(GuestAddress(base.0 + 8192 + 512), &[0u8; 4096])
+        .expect("clear");
+    let r = req(&mut s);
+    assert_eq!(
+        submit(&mut s, 0, &r, blk::T_IN, 16, true),
+        (blk::S_OK, 8193)
+    );
+    assert_eq!(gather(&s.ram, &r), data);
+}
