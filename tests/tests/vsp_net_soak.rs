@@ -203,30 +203,42 @@ fn pct(v: &mut [Duration], p: f64) -> Duration {
 
 #[test]
 fn netvsp_daemon_survives_sigkills_during_ping_and_tcp() {
+    soak_test(1);
+}
+
+/// The same with a sub-channel: the daemon asks the VMM for it, and every successor resumes a
+/// two-queue session (RSS spreads the received frames over both channels).
+#[test]
+fn netvsp_daemon_with_two_queues_survives_sigkills() {
+    soak_test(2);
+}
+
+fn soak_test(queues: u16) {
     let tag = std::process::id() % 100_000;
-    let (ns_name, tap) = (format!("vspnet{tag}"), format!("vsn{tag}"));
+    let (ns_name, tap) = (format!("vspnet{tag}q{queues}"), format!("vsn{tag}q{queues}"));
     let ns = match NetNs::create(&ns_name, &tap) {
         Ok(ns) => ns,
         Err(why) => {
-            eprintln!("SKIP netvsp_daemon_survives_sigkills: {why}");
+            eprintln!("SKIP netvsp soak ({queues} queues): {why}");
             return;
         }
     };
     let echo = spawn_echo(&ns.name);
     let mac = GUEST_MAC.map(|b| format!("{b:02x}")).join(":");
     let args = format!(
-        "--tap {tap} --netns {} --mac {mac} --instance {INSTANCE} --queues 1",
+        "--tap {tap} --netns {} --mac {mac} --instance {INSTANCE} --queues {queues}",
         ns.name
     );
     let mut desc = DeviceDescription::new(class::NETWORK, INSTANCE.parse::<Guid>().unwrap());
-    desc.max_subchannels = 0;
-    let vm = NetVm::in_child(VmConfig::default(), desc, move || {
-        child_command(args.clone())
-    })
-    .unwrap();
-    let mut vm = vm;
+    desc.max_subchannels = queues - 1;
+    let cfg = VmConfig {
+        queues,
+        ..VmConfig::default()
+    };
+    let mut vm = NetVm::in_child(cfg, desc, move || child_command(args.clone())).unwrap();
     vm.bring_up().unwrap();
     assert_eq!(vm.driver.info().mac, GUEST_MAC);
+    assert_eq!(vm.channel_relids().len(), usize::from(queues));
     // What a restarted daemon resumes from.
     vm.host_mut().supervisor().unwrap().refresh_state().unwrap();
     let mut g = SmolStack::new(vm, GUEST_IP, 24);
@@ -239,7 +251,7 @@ fn netvsp_daemon_survives_sigkills_during_ping_and_tcp() {
         100.0 * f64::from(rep.pings_sent - rep.pings_answered) / f64::from(rep.pings_sent.max(1));
     eprintln!("{rep:?}");
     eprintln!(
-        "RESULT vspnetsoak kills={} tcp_bytes={} tcp_mismatches={} pings={}/{} loss_pct={loss:.1} \
+        "RESULT vspnetsoak queues={queues} kills={} tcp_bytes={} tcp_mismatches={} pings={}/{} loss_pct={loss:.1} \
          first_frame_p50_ms={:.1} first_frame_p99_ms={:.1} first_frame_max_ms={:.1} restart_p50_ms={:.1}",
         rep.kills,
         rep.tcp_echoed,

@@ -209,6 +209,10 @@ impl Supervisor {
 
     fn collect_requests(&mut self) {
         if let Some(c) = self.client.as_mut() {
+            if let Err(e) = c.poll_requests() {
+                // A dead or misbehaving VSP: the next request or `ensure_running` restarts it.
+                tracing::warn!(error = %e, "VSP: reading its requests failed");
+            }
             self.subchannel_requests
                 .extend(c.take_subchannel_requests());
         }

@@ -58,6 +58,25 @@ impl VspClient {
         }
     }
 
+    /// Reads what the VSP sent on its own since the last exchange (sub-channel requests: netvsp
+    /// asks from its worker thread, between VMM requests), without waiting.
+    pub fn poll_requests(&mut self) -> Result<(), VmmError> {
+        loop {
+            match self.conn.recv(Some(Duration::ZERO)) {
+                Ok((Message::OfferSubchannels { count }, _)) => {
+                    self.note_subchannel_request(count)?
+                }
+                Ok(_) => {
+                    return Err(
+                        ProtocolError::Unexpected("unsolicited message from the VSP").into(),
+                    );
+                }
+                Err(RecvError::TimedOut) => return Ok(()),
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     /// Sub-channel counts the VSP has requested since the last call.
     pub fn take_subchannel_requests(&mut self) -> Vec<u16> {
         std::mem::take(&mut self.subchannel_requests)

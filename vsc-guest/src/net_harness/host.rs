@@ -314,7 +314,7 @@ impl DeviceHost for ProcessHost {
     }
 
     fn take_subchannel_requests(&mut self) -> Vec<u16> {
-        Vec::new()
+        self.sup.take_subchannel_requests()
     }
 
     fn supervisor(&mut self) -> Option<&mut Supervisor> {

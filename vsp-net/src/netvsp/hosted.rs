@@ -120,9 +120,9 @@ impl HostedDevice for HostedNetvsp {
             self.build(&ch)?;
         }
         let dev = self.dev.as_mut().ok_or(DeviceError::NoResources)?;
-        if ch.info.subchannel_index == 0
-            && let Some(st) = self.restored.take()
-        {
+        // At the first open after a restore (the supervisor re-opens the primary first, but any
+        // channel will do: the state must be in place before the first channel is).
+        if let Some(st) = self.restored.take() {
             // Before the channel is added: the worker must not see a guest packet first.
             match dev.with_core(|c| c.restore_state(&st)) {
                 Ok(n) => {
