@@ -289,3 +289,95 @@ fn vsp_refuses_bad_inflight_journals() {
         )))
     ));
 }
+
+#[test]
+fn vmm_polls_unsolicited_vsp_messages_and_cuts_off_garbage() {
+    // Sub-channel requests between VMM requests are collected (and answered); a flood of them or
+    // any other unsolicited message is a protocol violation.
+    let (vmm, vsp) = Connection::pair().unwrap();
+    let fake = std::thread::spawn(move || {
+        vsp.recv(T).unwrap();
+        vsp.send(
+            &Message::Hello {
+                version: 1,
+                features: 0,
+            },
+            &[],
+        )
+        .unwrap();
+        vsp.send(&Message::OfferSubchannels { count: 3 }, &[])
+            .unwrap();
+        // The VMM's acknowledgement.
+        let (ack, _) = vsp.recv(T).unwrap();
+        assert!(matches!(
+            ack,
+            Message::Reply {
+                request: ty::OFFER_SUBCHANNELS,
+                ..
+            }
+        ));
+        // Give the VMM time to collect the request before the garbage arrives.
+        std::thread::sleep(Duration::from_millis(200));
+        vsp.send(
+            &Message::State {
+                state: vec![1, 2, 3],
+            },
+            &[],
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    let mut client = VspClient::connect(vmm, T).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut got = Vec::new();
+    while got.is_empty() && std::time::Instant::now() < deadline {
+        client.poll_requests().unwrap();
+        got = client.take_subchannel_requests();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(got, [3]);
+    let r = loop {
+        match client.poll_requests() {
+            Ok(()) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            r => break r,
+        }
+    };
+    assert!(
+        matches!(r, Err(VmmError::Protocol(ProtocolError::Unexpected(_)))),
+        "{r:?}"
+    );
+    fake.join().unwrap();
+
+    // A flood of requests nobody collects.
+    let (vmm, vsp) = Connection::pair().unwrap();
+    let fake = std::thread::spawn(move || {
+        vsp.recv(T).unwrap();
+        vsp.send(
+            &Message::Hello {
+                version: 1,
+                features: 0,
+            },
+            &[],
+        )
+        .unwrap();
+        for _ in 0..100 {
+            if vsp
+                .send(&Message::OfferSubchannels { count: 1 }, &[])
+                .is_err()
+            {
+                break;
+            }
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    });
+    let mut client = VspClient::connect(vmm, T).unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    let r = client.poll_requests();
+    assert!(
+        matches!(r, Err(VmmError::Protocol(ProtocolError::Invalid(_)))),
+        "{r:?}"
+    );
+    fake.join().unwrap();
+}
