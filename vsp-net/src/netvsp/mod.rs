@@ -14,6 +14,10 @@
 //!   receive sections → transfer-page packets, packet filter, RSS hash and queue selection).
 //! - `device`: [`Netvsp`], the [`vmbus_core::device::VmbusDevice`] implementation, with an optional
 //!   worker thread that sleeps on the channels' eventfds.
+//! - `hosted`: [`HostedNetvsp`], netvsp in a VSP process ([`vmbus_core::oop::HostedDevice`]);
+//!   `state` ([`SavedState`]: the session a restarted process resumes) and `journal` (which
+//!   receive sections the guest holds, kept across processes; the reuse rule is documented there);
+//!   [`daemon`]: `vsp-net serve`.
 //!
 //! Every guest-caused error is contained to the packet that caused it: it is answered with a
 //! failure status where the protocol has one, counted in [`NetvspStats`] and logged; nothing a
