@@ -186,9 +186,11 @@ pub fn parse(buf: &[u8], feat: CtrlFeatures) -> Result<CtrlCommand, CtrlError> {
     }
 }
 
-/// The receive filter the driver asked for (defaults as the spec: broadcast, own unicast and
-/// listed multicast).
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// The receive filter the driver asked for. It starts like a NIC whose driver said nothing yet:
+/// own unicast, broadcast and all multicast (QEMU starts promiscuous; Linux sends its RX mode and
+/// MAC tables on open, and VMMs that answer the control queue themselves never forward them, so
+/// the default must not cut IPv6 neighbour discovery).
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RxFilter {
     /// Promiscuous.
     pub promisc: bool,
@@ -206,6 +208,21 @@ pub struct RxFilter {
     pub unicast: Vec<MacAddr>,
     /// Multicast addresses (MAC_TABLE_SET).
     pub multicast: Vec<MacAddr>,
+}
+
+impl Default for RxFilter {
+    fn default() -> Self {
+        Self {
+            promisc: false,
+            allmulti: true,
+            alluni: false,
+            nomulti: false,
+            nouni: false,
+            nobcast: false,
+            unicast: Vec::new(),
+            multicast: Vec::new(),
+        }
+    }
 }
 
 impl RxFilter {
@@ -335,6 +352,14 @@ mod tests {
     #[test]
     fn filter_mapping() {
         let mut f = RxFilter::default();
+        assert_eq!(
+            f.packet_filter(32),
+            (
+                filter::DIRECTED | filter::BROADCAST | filter::ALL_MULTICAST,
+                vec![]
+            )
+        );
+        f.set_mode(RX_ALLMULTI, false);
         assert_eq!(
             f.packet_filter(32),
             (filter::DIRECTED | filter::BROADCAST, vec![])

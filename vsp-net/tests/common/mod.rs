@@ -324,6 +324,21 @@ impl NetDrv {
         }
     }
 
+    /// Like [`Self::recv_until`] over every queue pair.
+    pub fn recv_until_any(&mut self, timeout: Duration, mut want: impl FnMut(&Rx) -> bool) -> Rx {
+        let deadline = Instant::now() + timeout;
+        loop {
+            assert!(Instant::now() < deadline, "timed out waiting for a frame");
+            for p in 0..self.rx.len() {
+                while let Some(r) = self.recv(p, Duration::from_millis(5)) {
+                    if want(&r) {
+                        return r;
+                    }
+                }
+            }
+        }
+    }
+
     /// Sends a control command; returns the ack byte.
     pub fn ctrl(&mut self, class: u8, cmd: u8, data: &[u8]) -> u8 {
         let mut buf = vec![class, cmd];

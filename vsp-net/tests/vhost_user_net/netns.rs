@@ -253,3 +253,162 @@ fn tap_transmit_checksum_and_64k_tso_reach_the_kernel() {
     assert_eq!((s.tx_frames, s.tx_bad, s.tx_dropped), (2, 0, 0));
     assert_eq!(s.tx_bytes as usize, 60 + 14 + 65_535);
 }
+
+fn tcp_checksum(f: &mut [u8]) {
+    f[50..52].fill(0);
+    let tcp_len = (f.len() - 34) as u64;
+    let acc = offload::ones_sum(&f[26..34], 6 + tcp_len);
+    let c = !offload::fold(offload::ones_sum(&f[34..], acc));
+    f[50..52].copy_from_slice(&c.to_be_bytes());
+}
+
+#[test]
+fn tap_guest_tso_delivers_kernel_super_frames() {
+    use std::io::Write;
+    require_netns!();
+    let ns = NetNs::new("vugtso").unwrap();
+    let (d, name, _) = tap_daemon(&ns, 1);
+    ns.ip(&["addr", "add", "10.78.9.1/24", "dev", &name]);
+    ns.ip(&[
+        "neigh",
+        "replace",
+        "10.78.9.2",
+        "lladdr",
+        &mac_str(GMAC),
+        "dev",
+        &name,
+        "nud",
+        "permanent",
+    ]);
+    let mut drv = NetDrv::start(
+        &d.socket,
+        DrvCfg {
+            features: DrvCfg::default().features | feat::GUEST_TSO4,
+            ..DrvCfg::default()
+        },
+    );
+    let data: Vec<u8> = (0..65_536u32).map(|i| (i * 7 % 251) as u8).collect();
+    let payload = data.clone();
+    let path = ns.path();
+    // The kernel connects to the "guest" and writes what its window allows.
+    let client = std::thread::spawn(move || {
+        vsp_net::tap::netns::run_in_netns(&path, move || {
+            let mut s = std::net::TcpStream::connect_timeout(&"10.78.9.2:7000".parse().unwrap(), T)
+                .unwrap();
+            s.set_nonblocking(true).unwrap();
+            let mut sent = 0;
+            while sent < payload.len() {
+                match s.write(&payload[sent..]) {
+                    Ok(n) => sent += n,
+                    Err(_) => break,
+                }
+            }
+            (s, sent)
+        })
+        .unwrap()
+    });
+    let syn = drv.recv_until(0, T, |r| {
+        let f = &r.frame;
+        f.len() >= 54 && f[23] == 6 && f[36..38] == 7000u16.to_be_bytes() && f[47] & 0x12 == 0x02
+    });
+    let f = &syn.frame;
+    let mut sa = eth_header(f[6..12].try_into().unwrap(), GMAC, ETH_P_IPV4);
+    netns_util::ipv4(&mut sa, 6, [10, 78, 9, 2], [10, 78, 9, 1], 24, false);
+    sa.extend_from_slice(&7000u16.to_be_bytes());
+    sa.extend_from_slice(&f[34..36]);
+    sa.extend_from_slice(&1000u32.to_be_bytes());
+    let their_seq = u32::from_be_bytes([f[38], f[39], f[40], f[41]]);
+    sa.extend_from_slice(&their_seq.wrapping_add(1).to_be_bytes());
+    sa.extend_from_slice(&[0x60, 0x12, 0xff, 0xff, 0, 0, 0, 0, 2, 4, 0x05, 0xb4]);
+    tcp_checksum(&mut sa);
+    drv.send(0, &sa);
+    let r = drv.recv_until(0, T, |r| {
+        let f = &r.frame;
+        f.len() > 1514 && f[23] == 6 && f[36..38] == 7000u16.to_be_bytes()
+    });
+    // One TCPv4 super-frame (mss 1460 from our SYN-ACK), checksum left partial.
+    assert_eq!(r.gso_type(), 1, "VIRTIO_NET_HDR_GSO_TCPV4");
+    assert_eq!(r.u16_at(4), 1460, "gso_size");
+    assert_eq!(r.flags() & 1, 1, "NEEDS_CSUM");
+    assert!(r.bufs > 1, "spread over mergeable buffers");
+    let n = r.frame.len() - 54;
+    assert_eq!(&r.frame[54..], &data[..n], "first bytes of the stream");
+    let (_sock, sent) = client.join().unwrap();
+    assert!(sent >= n);
+}
+
+#[test]
+fn daemon_binary_serves_reconnects_and_exits_on_sigterm() {
+    require_netns!();
+    let ns = NetNs::new("vubin").unwrap();
+    let ns_name = ns.path().file_name().unwrap().to_str().unwrap().to_owned();
+    let name = unique("vd");
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("n.sock");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_vsp-net"))
+        .args(["vhost-user-net", "--socket"])
+        .arg(&sock)
+        .args([
+            "--tap",
+            &name,
+            "--netns",
+            &ns_name,
+            "--mac",
+            "52:54:00:00:00:05",
+            "--queues",
+            "2",
+        ])
+        .spawn()
+        .unwrap();
+    let mut child = KillOnDrop(child);
+    let gmac = [0x52, 0x54, 0, 0, 0, 5];
+    let cfg = DrvCfg {
+        pairs: 2,
+        ..DrvCfg::default()
+    };
+    for round in 0..2u16 {
+        let mut drv = NetDrv::start(&sock, cfg.clone());
+        assert_eq!(drv.config(0, 10), [0x52, 0x54, 0, 0, 0, 5, 1, 0, 2, 0]);
+        if round == 0 {
+            ns.ip(&["addr", "add", "10.78.10.1/24", "dev", &name]);
+        }
+        drv.send(0, &arp(1, gmac, [10, 78, 10, 2], [0; 6], [10, 78, 10, 1]));
+        // With two pairs the reply lands on whichever worker read the TAP.
+        let r = drv.recv_until_any(T, |r| {
+            r.frame.len() >= 42
+                && r.frame[12..14] == ETH_P_ARP.to_be_bytes()
+                && r.frame[20..22] == [0, 2]
+        });
+        assert_eq!(r.frame[28..32], [10, 78, 10, 1], "round {round}");
+    }
+    let pid = child.0.id() as libc::pid_t;
+    // SAFETY: kill(2) on our own child's pid; no memory is involved.
+    let rc = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(rc, 0);
+    let deadline = std::time::Instant::now() + T;
+    let status = loop {
+        if let Some(s) = child.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "daemon ignored SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    use std::os::unix::process::ExitStatusExt;
+    assert!(
+        status.code() == Some(0) || status.signal() == Some(libc::SIGTERM),
+        "{status:?}"
+    );
+}
+
+/// Kills the daemon if the test fails before it does.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
