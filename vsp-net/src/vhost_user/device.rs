@@ -330,7 +330,7 @@ impl VhostUserBackend for VhostUserNet {
         vrings: &[Self::Vring],
         thread_id: usize,
     ) -> io::Result<()> {
-        if evset != EventSet::IN && !evset.contains(EventSet::IN) {
+        if !evset.contains(EventSet::IN) {
             return Ok(());
         }
         self.dispatch(device_event, vrings, thread_id);

@@ -1,7 +1,7 @@
 //! What a queue-pair worker does on a kick or when the port has frames: TX chains to the port,
 //! port frames into RX buffers (mergeable or not), control commands.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tracing::{debug, warn};
 use vhost_user_backend::{VringRwLock, VringT};
@@ -58,8 +58,14 @@ fn complete(v: &Vring, mem: &Mem, elems: &[(u16, u32)]) {
     }
 }
 
-fn count(a: &AtomicU64) {
-    NetStats::add(a, 1);
+fn count(a: &AtomicU64) -> u64 {
+    a.fetch_add(1, Ordering::Relaxed) + 1
+}
+
+/// A hostile driver can produce bad chains at line rate: log the first ones, then every time the
+/// count doubles (the counters have the full numbers).
+fn noisy(n: u64) -> bool {
+    n <= 16 || n.is_power_of_two()
 }
 
 impl VhostUserNet {
@@ -84,13 +90,9 @@ impl VhostUserNet {
                 }
             }
             RX => self.pump_rx(&mem, rx, worker),
-            e if e == port_event(self.num_queues_pub()) => self.pump_rx(&mem, rx, worker),
+            e if e == port_event(2 * self.pairs.len() + 1) => self.pump_rx(&mem, rx, worker),
             _ => {}
         }
-    }
-
-    fn num_queues_pub(&self) -> usize {
-        2 * self.pairs.len() + 1
     }
 
     fn process_tx(&self, mem: &Guard, tx: &Vring, worker: usize) {
@@ -111,8 +113,10 @@ impl VhostUserNet {
                 used.push((head, 0));
                 let r = chain::walk(c, mem, &mut st.scratch, hl + MAX_FRAME, 0);
                 if let Err(e) = r {
-                    count(&self.stats.tx_bad);
-                    warn!(head, error = %e, "vhost-user-net: bad TX chain dropped");
+                    let n = count(&self.stats.tx_bad);
+                    if noisy(n) {
+                        warn!(head, error = %e, total = n, "vhost-user-net: bad TX chain dropped");
+                    }
                     continue;
                 }
                 match hdr::parse_tx(&st.scratch, acked) {
@@ -130,8 +134,10 @@ impl VhostUserNet {
                         }
                     }
                     Err(e) => {
-                        count(&self.stats.tx_bad);
-                        warn!(head, error = %e, "vhost-user-net: bad TX frame dropped");
+                        let n = count(&self.stats.tx_bad);
+                        if noisy(n) {
+                            warn!(head, error = %e, total = n, "vhost-user-net: bad TX frame dropped");
+                        }
                     }
                 }
                 if used.len() >= 64 {
@@ -257,13 +263,21 @@ impl VhostUserNet {
             match chain::walk(c, mem, &mut st.scratch, 0, MAX_FRAME + 64) {
                 Ok(b) if b.cap >= hl => st.staged.push(b),
                 Ok(_) => {
-                    count(&self.stats.rx_bad);
-                    warn!(head, "vhost-user-net: RX buffer smaller than the header");
+                    let n = count(&self.stats.rx_bad);
+                    if noisy(n) {
+                        warn!(
+                            head,
+                            total = n,
+                            "vhost-user-net: RX buffer smaller than the header"
+                        );
+                    }
                     used.push((head, 0));
                 }
                 Err(e) => {
-                    count(&self.stats.rx_bad);
-                    warn!(head, error = %e, "vhost-user-net: bad RX chain");
+                    let n = count(&self.stats.rx_bad);
+                    if noisy(n) {
+                        warn!(head, error = %e, total = n, "vhost-user-net: bad RX chain");
+                    }
                     used.push((head, 0));
                 }
             }
@@ -349,14 +363,22 @@ impl VhostUserNet {
                 let ack = match chain::walk(c, mem, &mut buf, ctrl::MAX_CTRL_LEN, 4096) {
                     Ok(w) if w.cap >= 1 => w,
                     Ok(_) => {
-                        count(&self.stats.ctrl_err);
-                        warn!(head, "vhost-user-net: control chain without an ack byte");
+                        let n = count(&self.stats.ctrl_err);
+                        if noisy(n) {
+                            warn!(
+                                head,
+                                total = n,
+                                "vhost-user-net: control chain without an ack byte"
+                            );
+                        }
                         used.push((head, 0));
                         continue;
                     }
                     Err(e) => {
-                        count(&self.stats.ctrl_err);
-                        warn!(head, error = %e, "vhost-user-net: bad control chain");
+                        let n = count(&self.stats.ctrl_err);
+                        if noisy(n) {
+                            warn!(head, error = %e, total = n, "vhost-user-net: bad control chain");
+                        }
                         used.push((head, 0));
                         continue;
                     }
@@ -367,8 +389,10 @@ impl VhostUserNet {
                         ctrl::VIRTIO_NET_OK
                     }
                     Err(e) => {
-                        count(&self.stats.ctrl_err);
-                        warn!(error = %e, "vhost-user-net: control command refused");
+                        let n = count(&self.stats.ctrl_err);
+                        if noisy(n) {
+                            warn!(error = %e, total = n, "vhost-user-net: control command refused");
+                        }
                         ctrl::VIRTIO_NET_ERR
                     }
                 };
