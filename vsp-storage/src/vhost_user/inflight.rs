@@ -135,8 +135,9 @@ impl InflightQueue {
     }
 
     /// At ring start: the heads to execute again (oldest first) and the ring's avail position,
-    /// given the used index the guest memory shows now. A fresh region is initialised instead.
-    pub fn recover(&mut self, used_idx: u16) -> (Vec<u16>, u16) {
+    /// given the used index the guest memory shows now. A fresh region is initialised instead
+    /// (`None`: keep the base the frontend set).
+    pub fn recover(&mut self, used_idx: u16) -> (Vec<u16>, Option<u16>) {
         if self.load_u16(8) == 0 {
             // Version 0: new region (or a guest reset); nothing to replay.
             let _ = self.region.mem.write_slice(
@@ -147,7 +148,7 @@ impl InflightQueue {
             self.store_u16(14, used_idx);
             self.store_u16(8, VERSION);
             self.counter = 0;
-            return (Vec::new(), used_idx);
+            return (Vec::new(), None);
         }
         if self.load_u16(14) != used_idx {
             // Died between publishing a used entry and clearing its inflight mark.
@@ -176,7 +177,7 @@ impl InflightQueue {
         found.sort_unstable();
         self.counter = found.last().map_or(0, |(c, _)| c + 1);
         let avail = used_idx.wrapping_add(found.len() as u16);
-        (found.into_iter().map(|(_, h)| h).collect(), avail)
+        (found.into_iter().map(|(_, h)| h).collect(), Some(avail))
     }
 
     /// A head was taken from the avail ring.

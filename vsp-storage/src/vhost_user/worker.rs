@@ -185,7 +185,9 @@ impl Worker {
                     "re-running in-flight requests"
                 );
             }
-            self.q.set_next_avail(avail);
+            if let Some(avail) = avail {
+                self.q.set_next_avail(avail);
+            }
             for head in heads {
                 self.start(head);
             }
