@@ -73,7 +73,13 @@ struct Pending {
     /// The guest memory a zero-copy transfer points into, kept mapped until it completes (even if
     /// the frontend replaces the memory table meanwhile).
     _mem: Option<Arc<GuestMemoryMmap>>,
+    /// Bytes of bounce buffer this request holds.
+    bounce: u64,
 }
+
+/// Most bounce-buffer bytes in flight per queue; past it requests run synchronously, so a guest
+/// cannot make the daemon allocate queue size × `MAX_DATA`.
+const MAX_BOUNCE: u64 = 64 << 20;
 
 struct Worker {
     index: u16,
@@ -90,7 +96,8 @@ struct Worker {
     aq: Option<Box<dyn AsyncQueue>>,
     aq_ev: EventFd,
     pending: Vec<Option<Pending>>,
-    held: usize,
+    /// Bytes of bounce buffers in flight (bounded by `MAX_BOUNCE`).
+    bounced: u64,
     done: Vec<(u16, u32)>,
     descs: Vec<Desc>,
     comps: Vec<QueueCompletion>,
@@ -167,7 +174,7 @@ impl Worker {
             aq,
             aq_ev,
             pending: (0..s.size).map(|_| None).collect(),
-            held: 0,
+            bounced: 0,
             done: Vec::with_capacity(usize::from(s.size)),
             descs: Vec::with_capacity(SEG_MAX as usize + 2),
             comps: Vec::with_capacity(usize::from(s.size)),
@@ -369,8 +376,11 @@ impl Worker {
             && matches!(req.kind, Kind::In | Kind::Out)
             && (req.sector..req.sector + req.data_len / SECTOR).contains(&hold)
         {
-            self.pending[usize::from(head)] = Some(Pending { req, _mem: None });
-            self.held += 1;
+            self.pending[usize::from(head)] = Some(Pending {
+                req,
+                _mem: None,
+                bounce: 0,
+            });
             return;
         }
         let offset = req.sector * SECTOR;
@@ -380,6 +390,7 @@ impl Worker {
                     self.pending[usize::from(head)] = Some(Pending {
                         req,
                         _mem: Some(mem),
+                        bounce: 0,
                     });
                     return;
                 }
@@ -390,7 +401,13 @@ impl Worker {
                 }
             }
         }
+        let bounce = match req.kind {
+            Kind::In | Kind::Out => req.data_len,
+            _ => 0,
+        };
+        let async_ok = self.aq.is_some() && self.bounced + bounce <= MAX_BOUNCE;
         let op = match req.kind {
+            _ if !async_ok => None,
             Kind::In => Some(QueueOp::Read {
                 offset,
                 len: req.data_len as usize,
@@ -408,7 +425,14 @@ impl Worker {
         };
         if let (Some(op), Some(aq)) = (op, self.aq.as_mut()) {
             match aq.submit(u64::from(head), op) {
-                Ok(()) => self.pending[usize::from(head)] = Some(Pending { req, _mem: None }),
+                Ok(()) => {
+                    self.bounced += bounce;
+                    self.pending[usize::from(head)] = Some(Pending {
+                        req,
+                        _mem: None,
+                        bounce,
+                    });
+                }
                 Err(e) => {
                     tracing::warn!(queue = self.index, head, error = %e, "submit failed");
                     self.finish(head, Some(req.status), VIRTIO_BLK_S_IOERR as u8, 0);
@@ -556,6 +580,7 @@ impl Worker {
             else {
                 continue;
             };
+            self.bounced -= p.bounce;
             let (code, len) = match c.result {
                 Ok(Some(data)) if p.req.kind == Kind::In => {
                     if self.scatter(&p.req, &data) {
