@@ -110,6 +110,27 @@ fn negotiation_and_config_are_byte_exact_and_reconnect_works() {
 }
 
 #[test]
+fn early_set_vring_enable_like_qemu_7_2_is_tolerated() {
+    use std::io::Write;
+    let (_sw, d, mut peer) = switch_setup(1, 1);
+    // QEMU 7.2 enables the first pair when the guest sets FEATURES_OK, before SET_FEATURES.
+    let mut s = std::os::unix::net::UnixStream::connect(&d.socket).unwrap();
+    let mut msg = Vec::new();
+    for w in [18u32, 1, 8, 0, 1] {
+        msg.extend_from_slice(&w.to_le_bytes());
+    }
+    s.write_all(&msg).unwrap();
+    let fe = vhost::vhost_user::Frontend::from_stream(s, 3);
+    let mut drv = NetDrv::with_frontend(fe, DrvCfg::default());
+    let f = raw(PEER, VMAC, 128, 5);
+    drv.send(0, &f);
+    same(&peer_recv(&mut peer).unwrap(), &f);
+    let back = raw(VMAC, PEER, 128, 6);
+    peer.send(&back, &FrameMeta::default());
+    same(&drv.recv(0, T).unwrap().frame, &back);
+}
+
+#[test]
 fn switch_frames_both_ways_with_small_mergeable_buffers() {
     let (_sw, d, mut peer) = switch_setup(1, 1);
     let mut drv = NetDrv::start(

@@ -22,14 +22,15 @@ pub mod ctrl;
 pub mod device;
 pub mod hdr;
 pub mod port;
+mod relay;
 mod worker;
 
-use std::path::Path;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use thiserror::Error;
 use tracing::info;
-use vhost::vhost_user::Listener;
 use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -45,7 +46,7 @@ pub enum VhostUserNetError {
         /// Socket path.
         path: String,
         /// Cause.
-        source: vhost::vhost_user::Error,
+        source: std::io::Error,
     },
     /// The vhost-user daemon failed (setup or the connection); its error type is not `Sync`.
     #[error("vhost-user daemon: {0}")]
@@ -53,6 +54,20 @@ pub enum VhostUserNetError {
     /// Setting up the device failed.
     #[error("vhost-user-net device: {0}")]
     Device(#[from] std::io::Error),
+}
+
+/// The listening vhost-user socket (removed on drop).
+#[derive(Debug)]
+pub struct NetListener {
+    listener: UnixListener,
+    path: PathBuf,
+    inner: PathBuf,
+}
+
+impl Drop for NetListener {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
 }
 
 /// Serves one NIC on a socket, one frontend after another.
@@ -84,15 +99,26 @@ impl NetServer {
     }
 
     /// Binds `path` (replacing a stale socket).
-    pub fn listen(path: &Path) -> Result<Listener, VhostUserNetError> {
-        Listener::new(path, true).map_err(|source| VhostUserNetError::Listen {
+    pub fn listen(path: &Path) -> Result<NetListener, VhostUserNetError> {
+        let err = |source| VhostUserNetError::Listen {
             path: path.display().to_string(),
             source,
+        };
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(err)?;
+        let mut inner = path.as_os_str().to_owned();
+        inner.push(".backend");
+        Ok(NetListener {
+            listener,
+            path: path.to_owned(),
+            inner: PathBuf::from(inner),
         })
     }
 
     /// Accepts one frontend and serves it until it disconnects.
-    pub fn serve_one(&self, listener: &mut Listener) -> Result<(), VhostUserNetError> {
+    pub fn serve_one(&self, listener: &mut NetListener) -> Result<(), VhostUserNetError> {
+        let (front, _) = listener.listener.accept()?;
+        info!("vhost-user-net: frontend connected");
         let dev = Arc::new(VhostUserNet::new(
             self.cfg.clone(),
             self.port.clone(),
@@ -107,28 +133,53 @@ impl NetServer {
         let r = dev
             .attach(daemon.get_epoll_handlers())
             .map_err(VhostUserNetError::from)
-            .and_then(|()| daemon.start(listener).map_err(daemon_err))
-            .and_then(|()| {
-                info!("vhost-user-net: frontend connected");
-                match daemon.wait() {
+            .and_then(|()| self.connect_backend(listener, &mut daemon))
+            .and_then(|back| {
+                // The relay ends when either side hangs up; the library then sees its socket close.
+                let relay = std::thread::Builder::new()
+                    .name("vhost-user-net-relay".into())
+                    .spawn(move || relay::run(front, back))?;
+                let r = match daemon.wait() {
                     // A frontend that quits mid-message is a disconnect too (as `serve` treats it).
                     Err(vhost_user_backend::Error::HandleRequest(
                         vhost::vhost_user::Error::Disconnected
                         | vhost::vhost_user::Error::PartialMessage,
                     )) => Ok(()),
                     r => r.map_err(daemon_err),
+                };
+                if let Ok(Err(e)) = relay.join() {
+                    info!(error = %e, "vhost-user-net: relay ended");
                 }
+                r
             });
         dev.detach();
         info!(stats = ?self.stats.snapshot(), "vhost-user-net: frontend gone");
         r
     }
 
+    /// Lets vhost-user-backend connect to a private socket next to the public one and returns our
+    /// end of that connection.
+    fn connect_backend(
+        &self,
+        listener: &NetListener,
+        daemon: &mut VhostUserDaemon<Arc<VhostUserNet>>,
+    ) -> Result<UnixStream, VhostUserNetError> {
+        let _ = std::fs::remove_file(&listener.inner);
+        let inner = UnixListener::bind(&listener.inner)?;
+        let path = listener.inner.to_string_lossy().into_owned();
+        // connect() completes from the backlog, so the library's client start does not wait for
+        // our accept.
+        let r = daemon.start_client(&path).map_err(daemon_err);
+        let _ = std::fs::remove_file(&listener.inner);
+        r?;
+        Ok(inner.accept()?.0)
+    }
+
     /// Serves frontends one after another until `keep_going` says stop (checked between
     /// connections) or a connection fails in a way that is not a disconnect.
     pub fn serve(
         &self,
-        listener: &mut Listener,
+        listener: &mut NetListener,
         keep_going: &dyn Fn() -> bool,
     ) -> Result<(), VhostUserNetError> {
         while keep_going() {

@@ -157,7 +157,12 @@ impl NetDrv {
     /// Connects, negotiates, sets memory and every queue up, posts RX buffers.
     pub fn start(socket: &Path, cfg: DrvCfg) -> NetDrv {
         let nq = 2 * cfg.pairs as u64 + 1;
-        let mut fe = connect(socket, nq, T).unwrap();
+        let fe = connect(socket, nq, T).unwrap();
+        Self::with_frontend(fe, cfg)
+    }
+
+    /// Like [`Self::start`] on an already connected frontend.
+    pub fn with_frontend(mut fe: Frontend, cfg: DrvCfg) -> NetDrv {
         let (acked, _proto) = negotiate(
             &mut fe,
             cfg.features,
