@@ -39,6 +39,9 @@ struct Args {
     /// Rounds per workload.
     #[arg(long)]
     rounds: Option<usize>,
+    /// Only these workloads (comma-separated: 4k, 1m).
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
 }
 
 /// One request slot of the frontend: header, data buffer and status byte in guest RAM.
@@ -183,6 +186,10 @@ fn main() -> anyhow::Result<()> {
 
     let mut results = Vec::new();
     for w in [Workload::SeqRead1m, Workload::RandRead4k] {
+        let tag = if w == Workload::SeqRead1m { "1m" } else { "4k" };
+        if !a.only.is_empty() && !a.only.iter().any(|o| o == tag) {
+            continue;
+        }
         // Warm both paths (page cache, rings) before measuring.
         direct::run(&base, w, interval / 2, 1)?;
         run_vhost(&mut f, w, size, interval / 2, 1)?;
