@@ -87,6 +87,12 @@ fn forward_requests(mut front: UnixStream, back: UnixStream) -> io::Result<()> {
     let mut features_set = false;
     let mut held = Vec::new();
     while let Some(m) = read_msg(&mut front)? {
+        tracing::trace!(
+            request = m.request(),
+            len = m.bytes.len(),
+            fds = m.fds.len(),
+            "vhost-user request"
+        );
         match m.request() {
             SET_VRING_ENABLE if !features_set => {
                 debug!("vhost-user-net: SET_VRING_ENABLE before SET_FEATURES held back");
