@@ -186,6 +186,32 @@ fn without_mrg_rxbuf_a_frame_needs_one_big_enough_buffer() {
 }
 
 #[test]
+fn big_receive_buffers_without_mrg_rxbuf_take_a_64k_frame() {
+    // Linux without MRG_RXBUF but with GUEST_TSO posts ~17-page chains ("big packets"), larger
+    // than any frame: they must be accepted, and a super-frame from the switch fits in one.
+    let (_sw, d, mut peer) = switch_setup(1, 1);
+    let mut drv = NetDrv::start(
+        &d.socket,
+        DrvCfg {
+            features: (DrvCfg::default().features & !feat::MRG_RXBUF)
+                | feat::GUEST_TSO4
+                | feat::GUEST_TSO6,
+            rx_buf: 17 * 4096,
+            rx_count: 4,
+            queue_size: 16,
+            ..DrvCfg::default()
+        },
+    );
+    let big = raw(VMAC, PEER, 60_000, 9);
+    peer.send(&big, &FrameMeta::default());
+    let r = drv.recv(0, T).unwrap();
+    assert_eq!(r.bufs, 1);
+    same(&r.frame, &big);
+    let s = d.stats.snapshot();
+    assert_eq!((s.rx_frames, s.rx_bad, s.rx_dropped), (1, 0, 0));
+}
+
+#[test]
 fn back_pressure_keeps_frames_until_buffers_come() {
     let (_sw, d, mut peer) = switch_setup(1, 1);
     let mut drv = NetDrv::start(

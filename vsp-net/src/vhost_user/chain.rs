@@ -54,8 +54,8 @@ pub struct WritableBuf {
 }
 
 /// Walks a chain: device-readable descriptors first (copied into `out`, at most `max_read`
-/// bytes), then device-writable ones (returned, at most `max_write` bytes in total). A readable
-/// descriptor after a writable one is refused, as the spec orders them.
+/// bytes, more is an error), then device-writable ones (returned, trimmed to `max_write` bytes in
+/// total). A readable descriptor after a writable one is refused, as the spec orders them.
 pub fn walk<M>(
     chain: DescriptorChain<M>,
     mem: &Mem,
@@ -80,14 +80,14 @@ where
         last_has_next = d.has_next();
         let (addr, len) = (d.addr(), d.len());
         if d.is_write_only() {
-            w.cap = w
-                .cap
-                .checked_add(len as usize)
-                .filter(|&c| c <= max_write)
-                .ok_or(ChainError::TooLong { max: max_write })?;
-            check_range(mem, addr, len)?;
-            if len > 0 {
-                w.segs.push((addr, len));
+            // Buffers may be larger than anything we write (Linux's "big packets" chains are
+            // ~17 pages): use at most `max_write` bytes of them and check only what we use.
+            let room = max_write - w.cap;
+            let use_len = len.min(u32::try_from(room).unwrap_or(u32::MAX));
+            check_range(mem, addr, use_len)?;
+            if use_len > 0 {
+                w.segs.push((addr, use_len));
+                w.cap += use_len as usize;
             }
         } else {
             if !w.segs.is_empty() {
