@@ -71,6 +71,7 @@ fn negotiation_and_config_are_byte_exact_and_reconnect_works() {
                 | (1 << 5)
                 | (1 << 7)
                 | (1 << 8)
+                | (1 << 9)
                 | (1 << 11)
                 | (1 << 12)
                 | (1 << 13)
@@ -209,6 +210,53 @@ fn big_receive_buffers_without_mrg_rxbuf_take_a_64k_frame() {
     same(&r.frame, &big);
     let s = d.stats.snapshot();
     assert_eq!((s.rx_frames, s.rx_bad, s.rx_dropped), (1, 0, 0));
+}
+
+#[test]
+fn switch_super_frames_are_segmented_for_a_driver_without_guest_tso() {
+    use vsp_net::tap::offload::{complete_checksum, verify_checksums};
+    use vsp_net::tap::{Checksum, Gso, GsoKind};
+    let (_sw, d, mut peer) = switch_setup(1, 1);
+    let mut drv = NetDrv::start(&d.socket, DrvCfg::default());
+    assert_eq!(drv.acked & feat::GUEST_TSO4, 0);
+    let data: Vec<u8> = (0..5500u32).map(|i| (i % 241) as u8).collect();
+    let f = netns::tcp4_virtio_gso(PEER, VMAC, [10, 0, 0, 1], [10, 0, 0, 2], 77, &data);
+    let meta = FrameMeta {
+        csum: Checksum::Partial {
+            start: 34,
+            offset: 16,
+        },
+        gso: Some(Gso {
+            kind: GsoKind::TcpV4,
+            mss: 1000,
+            hdr_len: 54,
+            ecn: false,
+        }),
+        vlan: None,
+    };
+    let rep = peer.send(&f, &meta);
+    assert_eq!(rep.delivered, 1, "{rep:?}");
+    let mut got = Vec::new();
+    for i in 0..6 {
+        let r = drv.recv(0, T).unwrap_or_else(|| panic!("segment {i}"));
+        assert_eq!(r.gso_type(), 0, "no super-frame for this driver");
+        assert!(r.frame.len() <= 1054);
+        // GUEST_CSUM was acked: the checksum is left partial, at the TCP field.
+        assert_eq!((r.flags(), r.u16_at(6), r.u16_at(8)), (1, 34, 16));
+        let mut s = r.frame.clone();
+        let mut m = FrameMeta {
+            csum: Checksum::Partial {
+                start: 34,
+                offset: 16,
+            },
+            ..FrameMeta::default()
+        };
+        complete_checksum(&mut s, &mut m).unwrap();
+        assert!(verify_checksums(&s).unwrap(), "segment {i}");
+        got.extend_from_slice(&s[54..]);
+    }
+    assert_eq!(got, data);
+    assert_eq!(d.stats.snapshot().rx_frames, 6);
 }
 
 #[test]

@@ -17,6 +17,8 @@ pub mod feat {
     pub const GUEST_TSO4: u64 = 1 << 7;
     /// Driver accepts TCPv6 super-frames.
     pub const GUEST_TSO6: u64 = 1 << 8;
+    /// Driver accepts TSO super-frames with ECN.
+    pub const GUEST_ECN: u64 = 1 << 9;
     /// Device accepts TCPv4 super-frames.
     pub const HOST_TSO4: u64 = 1 << 11;
     /// Device accepts TCPv6 super-frames.
@@ -61,6 +63,7 @@ pub fn offered(mtu: Option<u16>) -> u64 {
         | MAC
         | GUEST_TSO4
         | GUEST_TSO6
+        | GUEST_ECN
         | HOST_TSO4
         | HOST_TSO6
         | HOST_ECN
@@ -116,6 +119,7 @@ mod tests {
         assert_eq!(feat::CSUM, 1 << vn::VIRTIO_NET_F_CSUM);
         assert_eq!(feat::GUEST_TSO6, 1 << vn::VIRTIO_NET_F_GUEST_TSO6);
         assert_eq!(feat::HOST_ECN, 1 << vn::VIRTIO_NET_F_HOST_ECN);
+        assert_eq!(feat::GUEST_ECN, 1 << vn::VIRTIO_NET_F_GUEST_ECN);
         assert_eq!(feat::MRG_RXBUF, 1 << vn::VIRTIO_NET_F_MRG_RXBUF);
         assert_eq!(feat::CTRL_RX_EXTRA, 1 << vn::VIRTIO_NET_F_CTRL_RX_EXTRA);
         assert_eq!(feat::MQ, 1 << vn::VIRTIO_NET_F_MQ);

@@ -2,6 +2,7 @@
 //! workers and their exit events live as long as one connection), over a [`SharedPort`] and
 //! [`NetStats`] that outlive connections.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,9 +119,9 @@ impl NetStats {
 /// Per queue-pair worker state.
 #[derive(Debug, Default)]
 pub(crate) struct PairState {
-    /// A frame read from the port that no RX buffer took yet (held, not dropped).
-    pub pending: Option<FrameMeta>,
-    pub frame: Vec<u8>,
+    /// Frames read from the port that no RX buffer took yet (held, not dropped): normally at
+    /// most one; the segments of one super-frame the driver cannot take whole.
+    pub backlog: VecDeque<(Vec<u8>, FrameMeta)>,
     /// RX chains popped but not yet used (a merged frame needs several).
     pub staged: Vec<WritableBuf>,
     /// Scratch for TX chains.
@@ -276,6 +277,7 @@ impl VhostUserBackend for VhostUserNet {
             csum: features & feat::GUEST_CSUM != 0,
             tso4: features & feat::GUEST_TSO4 != 0,
             tso6: features & feat::GUEST_TSO6 != 0,
+            ecn: features & feat::GUEST_ECN != 0,
         };
         if let Err(e) = self.port.lock().set_guest_offloads(o) {
             warn!(error = %e, "vhost-user-net: cannot apply the guest's receive offloads");

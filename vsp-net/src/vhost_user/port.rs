@@ -11,7 +11,7 @@ use super::ctrl::RxFilter;
 use crate::backend::NetError;
 use crate::switch::{MacAddr, PortConfig, PortHandle, PortKind, Switch};
 use crate::tap::net_backend::net_error;
-use crate::tap::{FrameMeta, Tap, TapError, TapOffloads};
+use crate::tap::{FrameMeta, GsoKind, Tap, TapError, TapOffloads, offload};
 
 /// Receive offloads the driver accepted (`GUEST_*` features).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -22,6 +22,20 @@ pub struct GuestOffloads {
     pub tso4: bool,
     /// TCPv6 super-frames.
     pub tso6: bool,
+    /// TSO super-frames with ECN.
+    pub ecn: bool,
+}
+
+impl GuestOffloads {
+    /// Whether the driver takes this super-frame whole.
+    pub fn accepts(&self, g: &crate::tap::Gso) -> bool {
+        let kind = match g.kind {
+            GsoKind::TcpV4 => self.tso4,
+            GsoKind::TcpV6 => self.tso6,
+            GsoKind::UdpL4 => false,
+        };
+        self.csum && kind && (!g.ecn || self.ecn)
+    }
 }
 
 /// A source and sink of frames with virtio-net-header-shaped metadata ([`FrameMeta`]).
@@ -108,7 +122,7 @@ impl FramePort for TapPort {
             csum: o.csum,
             tso4: o.csum && o.tso4,
             tso6: o.csum && o.tso6,
-            tso_ecn: false,
+            tso_ecn: o.csum && o.ecn && (o.tso4 || o.tso6),
             uso: false,
         };
         let got = self.0.set_offloads(want).map_err(net_error)?;
@@ -173,8 +187,24 @@ impl FramePort for SwitchPort {
 
     fn recv(&mut self, out: &mut dyn FnMut(&[u8], &FrameMeta)) -> Result<bool, NetError> {
         let h = self.handle.as_mut().ok_or(NetError::Disconnected)?;
-        let segment = !(self.offl.tso4 && self.offl.tso6);
-        let n = h.poll_recv_with(1, segment, !self.offl.csum, out);
+        let offl = self.offl;
+        let mut failed = None;
+        // Per frame: a super-frame the driver takes goes whole; any other (USO from a TAP
+        // uplink, ECN without GUEST_ECN, no GUEST_TSO) is cut here, in the worker's thread.
+        let n = h.poll_recv(1, &mut |f, m| match m.gso {
+            Some(g) if !offl.accepts(&g) => {
+                if let Err(e) = offload::segment(f, m, !offl.csum, out) {
+                    failed = Some(e);
+                }
+            }
+            _ => out(f, m),
+        });
+        if let Some(e) = failed {
+            debug!(error = %e, "vhost-user-net: super-frame from the switch not segmentable");
+            return Err(NetError::Unsupported(
+                "super-frame the switch cannot segment",
+            ));
+        }
         Ok(n > 0)
     }
 

@@ -17,7 +17,7 @@ use super::device::{NetStats, PairState, VhostUserNet, lock, port_event};
 use super::hdr::{self, MAX_FRAME};
 use crate::tap::offload;
 use crate::tap::vnet::VirtioNetHdr;
-use crate::tap::{Checksum, GsoKind};
+use crate::tap::{Checksum, FrameMeta, GsoKind};
 
 type Vring = VringRwLock<GuestMemoryAtomic<Mem>>;
 type Guard = GuestMemoryLoadGuard<Mem>;
@@ -173,26 +173,26 @@ impl VhostUserNet {
         let mut st = lock(pair);
         let mut used: Vec<(u16, u32)> = Vec::new();
         loop {
-            if st.pending.is_none() {
-                let mut got = None;
-                let frame = &mut st.frame;
-                let r = self.port.lock().recv(&mut |f, m| {
-                    frame.clear();
-                    frame.extend_from_slice(f);
-                    got = Some(*m);
-                });
-                if let Err(e) = r {
-                    debug!(error = %e, "vhost-user-net: port receive failed");
-                }
-                match got {
-                    Some(m) => st.pending = Some(m),
-                    None => break,
+            if st.backlog.is_empty() {
+                let backlog = &mut st.backlog;
+                let r = self
+                    .port
+                    .lock()
+                    .recv(&mut |f, m| backlog.push_back((f.to_vec(), *m)));
+                match r {
+                    Ok(true) if !st.backlog.is_empty() => {}
+                    Ok(_) => break,
+                    Err(e) => {
+                        // The port re-signals while frames remain; come back on that.
+                        count(&self.stats.rx_dropped);
+                        debug!(error = %e, "vhost-user-net: port receive failed");
+                        break;
+                    }
                 }
             }
             match self.deliver(mem, rx, &mut st, acked, &mut used) {
-                Deliver::Done => st.pending = None,
+                Deliver::Done => {}
                 Deliver::Dropped => {
-                    st.pending = None;
                     count(&self.stats.rx_dropped);
                 }
                 Deliver::NoBuffers => {
@@ -223,11 +223,12 @@ impl VhostUserNet {
         acked: u64,
         used: &mut Vec<(u16, u32)>,
     ) -> Deliver {
-        let Some(mut meta) = st.pending else {
+        let Some((mut frame, mut meta)) = st.backlog.pop_front() else {
             return Deliver::Done;
         };
-        if let Some(tagged) = offload::insert_vlan(&st.frame, &mut meta) {
-            st.frame = tagged;
+        // Transform in place once; a frame put back for lack of buffers keeps the result.
+        if let Some(tagged) = offload::insert_vlan(&frame, &mut meta) {
+            frame = tagged;
         }
         if let Some(g) = meta.gso {
             let ok = match g.kind {
@@ -235,21 +236,39 @@ impl VhostUserNet {
                 GsoKind::TcpV6 => acked & feat::GUEST_TSO6 != 0,
                 GsoKind::UdpL4 => false,
             };
-            if !ok || g.ecn {
+            if !ok || (g.ecn && acked & feat::GUEST_ECN == 0) {
                 debug!(?g, "vhost-user-net: super-frame the driver did not accept");
                 return Deliver::Dropped;
             }
         }
-        if matches!(meta.csum, Checksum::Partial { .. }) && acked & feat::GUEST_CSUM == 0 {
-            let mut m = meta;
-            if offload::complete_checksum(&mut st.frame, &mut m).is_err() {
-                return Deliver::Dropped;
-            }
-            meta = m;
+        if matches!(meta.csum, Checksum::Partial { .. })
+            && acked & feat::GUEST_CSUM == 0
+            && offload::complete_checksum(&mut frame, &mut meta).is_err()
+        {
+            return Deliver::Dropped;
         }
+        let r = self.place(mem, rx, st, acked, used, &frame, &meta);
+        if matches!(r, Deliver::NoBuffers) {
+            st.backlog.push_front((frame, meta));
+        }
+        r
+    }
+
+    /// Writes one frame into staged/popped RX buffers.
+    #[allow(clippy::too_many_arguments)]
+    fn place(
+        &self,
+        mem: &Guard,
+        rx: &Vring,
+        st: &mut PairState,
+        acked: u64,
+        used: &mut Vec<(u16, u32)>,
+        frame: &[u8],
+        meta: &FrameMeta,
+    ) -> Deliver {
         let mrg = acked & feat::MRG_RXBUF != 0;
         let hl = hdr::hdr_len(acked);
-        let total = hl + st.frame.len();
+        let total = hl + frame.len();
         // Stage buffers until the frame fits (one buffer without MRG_RXBUF).
         loop {
             let have: usize = st.staged.iter().map(|b| b.cap).sum();
@@ -282,11 +301,11 @@ impl VhostUserNet {
                 }
             }
         }
-        let mut h = VirtioNetHdr::from_meta(&meta);
+        let mut h = VirtioNetHdr::from_meta(meta);
         if !mrg {
             if st.staged[0].cap < total {
                 debug!(
-                    len = st.frame.len(),
+                    len = frame.len(),
                     cap = st.staged[0].cap,
                     "frame larger than the RX buffer"
                 );
@@ -294,7 +313,7 @@ impl VhostUserNet {
             }
             h.num_buffers = U16::new(1);
             let b = st.staged.remove(0);
-            return self.fill(mem, &b, &h.as_bytes()[..hl], &st.frame, used);
+            return self.fill(mem, &b, &h.as_bytes()[..hl], frame, used);
         }
         let mut n = 0;
         let mut have = 0;
@@ -306,23 +325,26 @@ impl VhostUserNet {
         let bufs: Vec<WritableBuf> = st.staged.drain(..n).collect();
         let hb = h.as_bytes();
         let mut off = 0usize;
-        let data_len = st.frame.len();
+        let data_len = frame.len();
+        let mut mine = Vec::with_capacity(n);
         for (i, b) in bufs.iter().enumerate() {
             let parts: [&[u8]; 2] = if i == 0 {
-                [&hb[..hl], &st.frame[..(b.cap - hl).min(data_len)]]
+                [&hb[..hl], &frame[..(b.cap - hl).min(data_len)]]
             } else {
                 let end = (off + b.cap).min(data_len);
-                [&[], &st.frame[off..end]]
+                [&[], &frame[off..end]]
             };
             let len = parts[0].len() + parts[1].len();
             if let Err(e) = chain::write_into(mem, b, 0, &parts) {
                 warn!(error = %e, "vhost-user-net: RX buffer vanished");
+                // Every buffer of this frame goes back empty, each once.
                 used.extend(bufs.iter().map(|b| (b.head, 0)));
                 return Deliver::Dropped;
             }
             off += parts[1].len();
-            used.push((b.head, len as u32));
+            mine.push((b.head, len as u32));
         }
+        used.extend(mine);
         count(&self.stats.rx_frames);
         NetStats::add(&self.stats.rx_bytes, data_len as u64);
         Deliver::Done

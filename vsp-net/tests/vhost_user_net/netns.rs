@@ -124,7 +124,7 @@ fn tap_arp_icmp_and_receive_checksum_offload() {
 
 /// TCP/IPv4 super-frame in the form a Linux guest hands to virtio-net: real IP total length and
 /// header checksum, TCP checksum field = folded pseudo-header sum (with the TCP length).
-fn tcp4_virtio_gso(
+pub(super) fn tcp4_virtio_gso(
     src_mac: [u8; 6],
     dst_mac: [u8; 6],
     src: [u8; 4],
