@@ -495,6 +495,8 @@ fn two_queues_run_in_parallel() {
         &disk,
         BlkOptions {
             num_queues: 2,
+            // Also exercises the adaptive-polling loop.
+            poll_us: 50,
             ..BlkOptions::default()
         },
     );

@@ -39,6 +39,9 @@ struct Args {
     /// Rounds per workload.
     #[arg(long)]
     rounds: Option<usize>,
+    /// Daemon polling window in microseconds (`--poll-us` of the daemon; 0: off).
+    #[arg(long, default_value_t = 0)]
+    poll_us: u32,
     /// Only these workloads (comma-separated: 4k, 1m).
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
@@ -149,14 +152,15 @@ fn main() -> anyhow::Result<()> {
     let file = tmp.path().join("disk.raw");
     fill_file(&file, size, 7)?;
     println!(
-        "vhostbench: file {} ({}, {} MiB, {}), {} CPUs, {} rounds x {:?}",
+        "vhostbench: file {} ({}, {} MiB, {}), {} CPUs, {} rounds x {:?}, daemon in a thread (poll {} us)",
         file.display(),
         fs_type(tmp.path()),
         size >> 20,
         if a.direct { "O_DIRECT" } else { "buffered" },
         tests::stor::cpus(),
         rounds,
-        interval
+        interval,
+        a.poll_us
     );
     let opts = RawOptions {
         direct: a.direct,
@@ -172,6 +176,7 @@ fn main() -> anyhow::Result<()> {
         Some(raw),
         BlkOptions {
             read_only: true,
+            poll_us: a.poll_us,
             ..BlkOptions::default()
         },
     ));

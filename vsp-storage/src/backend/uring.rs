@@ -71,6 +71,8 @@ pub struct RawQueue {
     ready: Vec<QueueCompletion>,
     /// Submissions wait for `flush` (see [`AsyncQueue::set_batching`]).
     batching: bool,
+    /// The file takes `RWF_NOWAIT` reads (cleared on the first EOPNOTSUPP, e.g. tmpfs).
+    nowait: bool,
 }
 
 fn busy() -> BlockError {
@@ -101,6 +103,7 @@ impl RawQueue {
             ops: HashMap::with_capacity(depth as usize),
             ready: Vec::new(),
             batching: false,
+            nowait: true,
         })
     }
 
@@ -329,6 +332,29 @@ impl AsyncQueue for RawQueue {
         if len == 0 || iov.len() > 1024 || (self.direct && !iov.iter().all(aligned)) {
             // O_DIRECT needs aligned memory: the caller bounces through `submit` instead.
             return Err(BlockError::Unsupported);
+        }
+        if !write && !self.direct && self.nowait {
+            // Page-cache hit: copy inline with one system call instead of a ring round trip (on
+            // some file systems, tmpfs among them, buffered ring reads are punted to io-wq
+            // threads). Anything short of complete goes through the ring as usual.
+            // SAFETY: the iovecs are valid for writes per this function's contract; the kernel
+            // writes at most `len` bytes into them.
+            let n = unsafe {
+                libc::preadv2(
+                    self.file.as_raw_fd(),
+                    iov.as_ptr(),
+                    iov.len() as i32,
+                    offset as i64,
+                    libc::RWF_NOWAIT,
+                )
+            };
+            if usize::try_from(n).is_ok_and(|n| n == len) {
+                self.finish(tag, Ok(None));
+                return Ok(());
+            }
+            if n < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP) {
+                self.nowait = false;
+            }
         }
         let op = Op {
             kind: if write { Kind::WriteV } else { Kind::ReadV },

@@ -44,6 +44,9 @@ pub struct Args {
     /// GET_ID serial (default: the image's file name, at most 20 bytes).
     #[arg(long)]
     pub serial: Option<String>,
+    /// Poll virtqueues and completions this many microseconds before sleeping (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub poll_us: u32,
     /// Test hook: never execute requests touching this sector (they stay in flight).
     #[arg(long, hide = true)]
     pub test_hold_sector: Option<u64>,
@@ -81,6 +84,7 @@ pub fn open_device(args: &Args) -> anyhow::Result<BlkDevice> {
         read_only: args.readonly,
         serial,
         hold_sector: args.test_hold_sector,
+        poll_us: args.poll_us,
     };
     let open = || format!("opening {}", args.disk.display());
     if vhd {

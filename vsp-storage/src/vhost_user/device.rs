@@ -41,6 +41,9 @@ pub struct BlkOptions {
     /// Test hook: requests touching this sector are fetched and tracked as in flight but never
     /// executed, so a test can kill the daemon with I/O provably in flight.
     pub hold_sector: Option<u64>,
+    /// Adaptive polling window of the queue workers in microseconds (0: always sleep), like
+    /// QEMU's `poll-max-ns`: worth it with spare CPUs, costly on a busy host.
+    pub poll_us: u32,
 }
 
 impl Default for BlkOptions {
@@ -50,6 +53,7 @@ impl Default for BlkOptions {
             read_only: false,
             serial: b"vsp-blk".to_vec(),
             hold_sector: None,
+            poll_us: 0,
         }
     }
 }

@@ -205,7 +205,15 @@ impl Worker {
         self.flush_used();
         let mut events = vec![EpollEvent::default(); 4];
         'outer: loop {
-            let n = match self.epoll.wait(-1, &mut events) {
+            let busy = self.poll_briefly();
+            if !busy {
+                // Going to sleep: re-arm notifications (and catch what raced with that).
+                self.process_avail();
+                self.submit_and_reap();
+                self.flush_used();
+            }
+            let timeout = if busy { 0 } else { -1 };
+            let n = match self.epoll.wait(timeout, &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -231,6 +239,51 @@ impl Worker {
         }
         self.drain();
         self.q.next_avail()
+    }
+
+    /// Adaptive polling, as QEMU's IOThreads do (`poll-max-ns`): while requests or completions
+    /// keep arriving within `poll_us` of each other, handle them without kicks, interrupts to
+    /// ourselves or sleeping. Returns whether it did any work (then it stopped after `MAX_SPIN`
+    /// rounds so that the stop event is still seen).
+    fn poll_briefly(&mut self) -> bool {
+        const MAX_SPIN: u32 = 4096;
+        let poll = std::time::Duration::from_micros(u64::from(self.dev.opts.poll_us));
+        if poll.is_zero() {
+            return false;
+        }
+        let mut idle_since = std::time::Instant::now();
+        let mut worked = false;
+        for _ in 0..MAX_SPIN {
+            let avail = {
+                let mem = self.mem.memory();
+                self.q.avail_idx(&*mem, Ordering::Acquire).ok()
+            };
+            let mut progress = false;
+            if avail.is_some_and(|a| a.0 != self.q.next_avail()) {
+                let mem = self.mem.memory();
+                let _ = self.q.disable_notification(&*mem);
+                while let Some(chain) = self.q.pop_descriptor_chain(&*mem) {
+                    let head = chain.head_index();
+                    self.start(head);
+                    progress = true;
+                }
+            }
+            if self.aq.as_ref().is_some_and(|q| q.in_flight() > 0) || progress {
+                self.submit_and_reap();
+            }
+            if !self.done.is_empty() {
+                self.flush_used();
+                progress = true;
+            }
+            if progress {
+                worked = true;
+                idle_since = std::time::Instant::now();
+            } else if idle_since.elapsed() > poll {
+                return worked;
+            }
+            std::hint::spin_loop();
+        }
+        worked
     }
 
     /// Starts the batch queued on the disk and collects whatever finished already (buffered
