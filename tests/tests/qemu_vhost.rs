@@ -172,7 +172,7 @@ impl Console {
 
 /// A running QEMU whose serial console (stdout) is collected line by line.
 struct Guest {
-    _qemu: Reaped,
+    qemu: Mutex<Reaped>,
     lines: Receiver<String>,
     log: Arc<Mutex<Console>>,
     started: Instant,
@@ -225,7 +225,7 @@ impl Guest {
             }
         });
         Ok(Guest {
-            _qemu: Reaped(child),
+            qemu: Mutex::new(Reaped(child)),
             lines: rx,
             log,
             started,
@@ -247,7 +247,13 @@ impl Guest {
                     bail!("timeout waiting for {needle:?}\n{}", self.console())
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    bail!("QEMU exited before {needle:?}\n{}", self.console())
+                    // Let the stderr reader catch up: QEMU's last words say why it ended.
+                    std::thread::sleep(Duration::from_millis(300));
+                    let status = self.qemu.lock().unwrap().0.try_wait().ok().flatten();
+                    bail!(
+                        "QEMU exited ({status:?}) before {needle:?}\n{}",
+                        self.console()
+                    )
                 }
             }
         }
