@@ -20,7 +20,6 @@
 #![allow(dead_code)]
 
 use anyhow::{Context, anyhow, bail};
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::Path;
@@ -168,7 +167,8 @@ pub struct SplitQueue {
     pub avail: GuestAddress,
     pub used: GuestAddress,
     free: Vec<u16>,
-    chains: HashMap<u16, Vec<u16>>,
+    /// Descriptor indices of each chain in flight, by head (allocations reused).
+    chains: Vec<Vec<u16>>,
     avail_idx: u16,
     last_used: u16,
     notified_idx: u16,
@@ -189,7 +189,7 @@ impl SplitQueue {
             avail,
             used,
             free: (0..size).rev().collect(),
-            chains: HashMap::new(),
+            chains: vec![Vec::new(); usize::from(size)],
             avail_idx: 0,
             last_used: 0,
             notified_idx: 0,
@@ -282,7 +282,13 @@ impl SplitQueue {
                 self.free.len()
             );
         }
-        let ids: Vec<u16> = (0..bufs.len()).filter_map(|_| self.free.pop()).collect();
+        let Some(head) = self.free.pop() else {
+            bail!("no free descriptor");
+        };
+        let mut ids = std::mem::take(&mut self.chains[usize::from(head)]);
+        ids.clear();
+        ids.push(head);
+        ids.extend((1..bufs.len()).filter_map(|_| self.free.pop()));
         for (i, (addr, len, write)) in bufs.iter().enumerate() {
             let mut flags = if *write { DESC_F_WRITE } else { 0 };
             let next = ids.get(i + 1).copied().unwrap_or(0);
@@ -291,8 +297,7 @@ impl SplitQueue {
             }
             self.write_desc(ram, ids[i], addr.0, *len, flags, next)?;
         }
-        let head = ids[0];
-        self.chains.insert(head, ids);
+        self.chains[usize::from(head)] = ids;
         self.push_avail(ram, head)?;
         Ok(head)
     }
@@ -304,7 +309,7 @@ impl SplitQueue {
             bail!("{n} descriptors wanted, {} free", self.free.len());
         }
         let ids: Vec<u16> = (0..n).filter_map(|_| self.free.pop()).collect();
-        self.chains.insert(ids[0], ids.clone());
+        self.chains[usize::from(ids[0])] = ids.clone();
         Ok(ids)
     }
 
@@ -344,17 +349,35 @@ impl SplitQueue {
 
     /// Completions published since the last call: `(head, len)`; their descriptors are freed.
     pub fn poll_used(&mut self, ram: &GuestRam) -> anyhow::Result<Vec<(u16, u32)>> {
-        let idx = self.used_idx(ram)?;
         let mut out = Vec::new();
+        self.poll_used_into(ram, &mut out)?;
+        Ok(out)
+    }
+
+    /// [`Self::poll_used`] appending to `out` (no allocation in the steady state).
+    pub fn poll_used_into(
+        &mut self,
+        ram: &GuestRam,
+        out: &mut Vec<(u16, u32)>,
+    ) -> anyhow::Result<()> {
+        let idx = self.used_idx(ram)?;
+        if idx == self.last_used {
+            return Ok(());
+        }
         while self.last_used != idx {
             let slot = u64::from(self.last_used % self.size);
-            let e = ram.read(self.used.plus(4 + 8 * slot), 8)?;
-            let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
-            let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
-            let head = u16::try_from(id).map_err(|_| anyhow!("used id {id} out of range"))?;
-            if let Some(ids) = self.chains.remove(&head) {
-                self.free.extend(ids);
-            }
+            let e: u64 = ram
+                .mem
+                .read_obj(self.used.plus(4 + 8 * slot))
+                .map_err(|e| anyhow!("used ring: {e}"))?;
+            let (id, len) = (e as u32, (e >> 32) as u32);
+            let head = u16::try_from(id)
+                .ok()
+                .filter(|h| *h < self.size)
+                .ok_or_else(|| anyhow!("used id {id} out of range"))?;
+            let ids = &mut self.chains[usize::from(head)];
+            self.free.extend_from_slice(ids);
+            ids.clear();
             out.push((head, len));
             self.last_used = self.last_used.wrapping_add(1);
         }
@@ -364,7 +387,7 @@ impl SplitQueue {
             .store(self.last_used, used_event, Ordering::Release)
             .map_err(|e| anyhow!("used_event: {e}"))?;
         fence(Ordering::SeqCst);
-        Ok(out)
+        Ok(())
     }
 
     /// Waits until at least `n` completions arrived (or `timeout`), sleeping on the call eventfd.
