@@ -206,8 +206,9 @@ impl Worker {
         let mut events = vec![EpollEvent::default(); 4];
         'outer: loop {
             let busy = self.poll_briefly();
-            if !busy {
-                // Going to sleep: re-arm notifications (and catch what raced with that).
+            if !busy && self.dev.opts.poll_us > 0 {
+                // Polling left notifications off: re-arm them before sleeping (and catch what
+                // raced with that).
                 self.process_avail();
                 self.submit_and_reap();
                 self.flush_used();
