@@ -8,12 +8,16 @@
 //!   `Send` goes to [`HostPort::post_to_guest`] (held and retried while the (VP, SINT) queue is
 //!   full), `Open` maps the ring GPADL from guest RAM and hands the channel to its device
 //!   ([`BusDevice`]), `Close` / `Reset` close it in the device.
-//! - Guest → device signals: `HvSignalEvent` on a channel's connection id rings that channel's
-//!   *kick* eventfd directly on the vCPU thread (no thread hop), like an ioeventfd.
+//! - Guest → device signals: a fast `HvSignalEvent` on an open channel's connection id completes
+//!   in the kernel: the hypercall page writes the id to [`crate::hyperv::FAST_SIGNAL_PORT`], where
+//!   a KVM ioeventfd per channel (datamatch = connection id) rings the channel's *kick* eventfd
+//!   without a vCPU exit. Other forms (slow, non-zero flag) exit and ring it from the vCPU thread.
 //! - Device → guest interrupts: the bus thread polls every open channel's *call* eventfd and turns
 //!   each ring into [`HostPort::signal_guest`] (SINT 2, event flag = relid) on the channel's target
 //!   VP, like an irqfd. (A KVM irqfd cannot do this by itself: the SynIC's event flag must be set
-//!   in guest memory before the vector is raised, and this KVM has no in-kernel SynIC.)
+//!   in guest memory before the vector is raised, and this KVM has no in-kernel SynIC; the device
+//!   workers would have to set the flag themselves, and they signal through ringbuf's plain
+//!   eventfd `Doorbell`.)
 //!
 //! Devices run in process ([`device::Hosted`] for any [`vmbus_core::oop::HostedDevice`],
 //! [`device::NetvspDevice`]) or in a VSP process ([`device::OutOfProcess`], through
