@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use kvm_host::demo::{self, DemoConfig, DemoOutcome, StorageHosting};
+use kvm_host::demo::{self, DemoConfig, DemoOutcome, NetworkHosting, StorageHosting};
 use kvm_host::testguest;
 
 use crate::{DemoArgs, describe, guest_image, mem_bytes};
@@ -46,10 +46,43 @@ fn result_line(o: Option<&DemoOutcome>) -> String {
             ms(o.run.guest_time),
             u8::from(o.io_ok()),
             u8::from(o.net_ok()),
-            o.memory.overhead_kib()
+            o.overhead_kib()
         ),
         None => "RESULT demo ok=0 boot_ms=0 io_ok=0 net_ok=0 overhead_kib=0".to_string(),
     }
+}
+
+/// Options of `kvm-host vsp net`.
+#[derive(clap::Args, Debug)]
+pub struct VspNetArgs {
+    /// Descriptor (inherited) of the page the host endpoint's counters are published in.
+    #[arg(long)]
+    stats_fd: Option<i32>,
+    /// Do not install the steady-state seccomp allow-list.
+    #[arg(long)]
+    no_seccomp: bool,
+}
+
+/// `kvm-host vsp net`: netvsp, the switch and the host endpoint, served to the VMM.
+pub fn vsp_net(a: VspNetArgs) -> Result<ExitCode> {
+    // SAFETY: called once, at the start of this process.
+    let conn = unsafe { vmbus_core::oop::connection_from_env() }.with_context(|| {
+        format!(
+            "no VSP socket: this command is started by kvm-host ({} unset or not a descriptor)",
+            vmbus_core::oop::SOCKET_FD_ENV
+        )
+    })?;
+    let stats = match a.stats_fd {
+        // SAFETY: the VMM passed this descriptor to this process for the stats page only; it is
+        // taken once, here.
+        Some(fd) => Some(
+            unsafe { kvm_host::netvsp_process::SharedPeerStats::from_raw_fd(fd) }
+                .context("--stats-fd")?,
+        ),
+        None => None,
+    };
+    kvm_host::netvsp_process::serve(&conn, stats, !a.no_seccomp).context("serving the VMM")?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn file_size(p: &Path) -> u64 {
@@ -93,12 +126,14 @@ fn run(a: &DemoArgs) -> Result<DemoOutcome> {
             path
         }
     };
-    let storage = if a.vsp_process {
-        StorageHosting::Process {
-            exe: std::env::current_exe().context("locating this executable for the VSP")?,
-        }
+    let (storage, network) = if a.in_process {
+        (StorageHosting::InProcess, NetworkHosting::InProcess)
     } else {
-        StorageHosting::InProcess
+        let exe = std::env::current_exe().context("locating this executable for the VSPs")?;
+        (
+            StorageHosting::Process { exe: exe.clone() },
+            NetworkHosting::Process { exe },
+        )
     };
     let cfg = DemoConfig {
         guest: guest.clone(),
@@ -107,6 +142,7 @@ fn run(a: &DemoArgs) -> Result<DemoOutcome> {
         vcpus: a.cpus,
         disk: disk.clone(),
         storage,
+        network,
         timeout: Duration::from_secs(a.timeout.max(1)),
         echo_serial: a.verbose,
         fast_signals: !a.slow_signals,
@@ -125,8 +161,8 @@ fn run(a: &DemoArgs) -> Result<DemoOutcome> {
 
 fn report(o: &DemoOutcome, disk: &Path) {
     println!(
-        "devices: storage {} on a {} disk; network in-process (netvsp on switch port guest0, host endpoint 10.0.0.1 on host0)",
-        o.storage_hosting, o.disk_kind
+        "devices: storage {} on a {} disk; network {} (netvsp on switch port guest0, host endpoint 10.0.0.1 on host0)",
+        o.storage_hosting, o.disk_kind, o.network_hosting
     );
     println!("guest:");
     for line in o.serial.lines() {
@@ -183,9 +219,37 @@ fn report(o: &DemoOutcome, disk: &Path) {
         m.partition_overhead_kib(),
         m.guest_touched_kib
     );
-    if let Some(v) = o.vsp_rss_kib {
-        println!("memory: storage VSP process RSS {v} KiB");
+    if !o.vsps.is_empty() {
+        let each: Vec<String> = o
+            .vsps
+            .iter()
+            .map(|v| {
+                format!(
+                    "{} pid {}: private {} KiB (RSS {} KiB incl. shared text){}",
+                    v.name,
+                    v.pid,
+                    v.private_kib,
+                    v.rss_kib,
+                    if v.child_while_running {
+                        ""
+                    } else {
+                        " [not seen as a child while the guest ran]"
+                    }
+                )
+            })
+            .collect();
+        println!(
+            "memory: VSP processes {} KiB private: {}",
+            o.vsp_private_kib(),
+            each.join("; ")
+        );
     }
+    println!(
+        "memory: overhead_kib {} = VMM overhead {} KiB + VSP processes' private {} KiB",
+        o.overhead_kib(),
+        m.overhead_kib(),
+        o.vsp_private_kib()
+    );
     println!("disk after the run: {} KiB file", file_size(disk) / 1024);
     if !o.ok() {
         println!("--- guest serial output ---\n{}---", o.serial);

@@ -12,7 +12,7 @@ use vmbus_core::memory::GuestMemory;
 use vmbus_core::oop::Supervisor;
 use vmbus_core::wire::Guid;
 use vsp_net::netvsp::{Netvsp, NetvspConfig, NetvspResources};
-use vsp_net::switch::{PortConfig, Switch, SwitchConfig};
+use vsp_net::switch::{PortConfig, PortHandle, Switch, SwitchConfig};
 use vsp_storage::backend::raw::{RawDisk, RawOptions};
 use vsp_storage::block::BlockDevice;
 use vsp_storage::storvsp::{LunAddr, StorVsp, StorVspConfig};
@@ -43,7 +43,7 @@ pub enum DeviceSetupError {
     Disk { path: PathBuf, detail: String },
     #[error("storvsp: {0}")]
     Storvsp(std::io::Error),
-    #[error("starting the storage VSP process: {0}")]
+    #[error("starting a VSP process: {0}")]
     Vsp(#[from] vmbus_core::oop::SupervisorError),
     #[error("switch: {0}")]
     Switch(#[from] vsp_net::switch::SwitchError),
@@ -141,11 +141,8 @@ pub struct Network {
     pub peer: NetPeer,
 }
 
-/// netvsp on a switch port, a second port with the host endpoint; GPADLs come from `server`.
-pub fn network(
-    ram: Arc<GuestRam>,
-    server: Arc<Mutex<Server>>,
-) -> Result<Network, DeviceSetupError> {
+/// The demo's switch: port `guest0` for the NIC (returned) and port `host0` with the host endpoint.
+pub fn switch_with_peer() -> Result<(Switch, PortHandle, NetPeer), DeviceSetupError> {
     let switch = Switch::new(SwitchConfig {
         name: "demo".into(),
         ..SwitchConfig::default()
@@ -155,6 +152,33 @@ pub fn network(
     let peer_port =
         switch.add_port(PortConfig::nic("host0", PEER.mac).with_queue(64, 256 << 10))?;
     let peer = NetPeer::start(peer_port, PEER).map_err(DeviceSetupError::Netvsp)?;
+    Ok((switch, guest_port, peer))
+}
+
+/// The demo NIC's netvsp configuration (one queue: the bus offers no sub-channels).
+pub fn netvsp_config() -> NetvspConfig {
+    NetvspConfig {
+        instance: NIC_INSTANCE,
+        max_queues: 1,
+        mac: Some(GUEST_MAC),
+        friendly_name: Some("kvm-host demo NIC".into()),
+        ..NetvspConfig::default()
+    }
+}
+
+/// What the NIC offers (without building one): as netvsp describes itself with [`netvsp_config`].
+pub fn network_description() -> DeviceDescription {
+    let mut d = DeviceDescription::new(vmbus_core::wire::class::NETWORK, NIC_INSTANCE);
+    d.max_subchannels = 0;
+    d
+}
+
+/// netvsp on a switch port, a second port with the host endpoint; GPADLs come from `server`.
+pub fn network(
+    ram: Arc<GuestRam>,
+    server: Arc<Mutex<Server>>,
+) -> Result<Network, DeviceSetupError> {
+    let (switch, guest_port, peer) = switch_with_peer()?;
     let slot: RingSlot = Arc::default();
     let memory: Arc<dyn GuestMemory> = ram;
     let gpadls = move |h: u32| -> Option<Gpadl> {
@@ -164,15 +188,8 @@ pub fn network(
             .gpadl(h)
             .cloned()
     };
-    let cfg = NetvspConfig {
-        instance: NIC_INSTANCE,
-        max_queues: 1,
-        mac: Some(GUEST_MAC),
-        friendly_name: Some("kvm-host demo NIC".into()),
-        ..NetvspConfig::default()
-    };
     let mut dev = Netvsp::new(
-        cfg,
+        netvsp_config(),
         Box::new(guest_port),
         NetvspResources {
             memory,

@@ -10,6 +10,7 @@
 //!   channels (in process, or in supervised VSP processes) and the kick / call eventfd bridges.
 //! - [`devices`]: the storage controller (storvsp on a raw image or VHD) and the NIC (netvsp on a
 //!   virtual switch with a host endpoint that answers ARP and ping).
+//! - [`netvsp_process`]: the NIC, its switch and the host endpoint in a VSP process.
 //! - [`demo`]: the demo partition (`kvm-host demo`) and [`rss`], its memory accounting.
 //! - [`testguest`]: the bare-metal Rust test guest (built from `kvm-host/guest`) and its host side.
 
@@ -21,6 +22,7 @@ pub mod hyperv;
 pub mod linux_boot;
 pub mod linux_guest;
 pub mod memory;
+pub mod netvsp_process;
 pub mod partition;
 pub mod rss;
 pub mod serial;

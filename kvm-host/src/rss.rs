@@ -17,7 +17,7 @@ pub enum RssError {
         path: String,
         source: std::io::Error,
     },
-    #[error("{0} has no VmRSS line")]
+    #[error("{0} lacks the expected line")]
     NoVmRss(String),
     #[error("mincore: {0}")]
     Mincore(std::io::Error),
@@ -44,6 +44,31 @@ fn parse_kib_line(text: &str, key: &str) -> Option<u64> {
         .find_map(|l| l.strip_prefix(key))
         .and_then(|rest| rest.split_whitespace().next())
         .and_then(|n| n.parse().ok())
+}
+
+/// Private memory of process `pid` in KiB: `Private_Clean + Private_Dirty` from
+/// `/proc/<pid>/smaps_rollup` (pages only it maps: its heap, stacks and private buffers; not the
+/// program text or guest RAM it shares with the VMM).
+pub fn private_kib(pid: u32) -> Result<u64, RssError> {
+    let path = format!("/proc/{pid}/smaps_rollup");
+    let s = read(&path)?;
+    match (
+        parse_kib_line(&s, "Private_Clean:"),
+        parse_kib_line(&s, "Private_Dirty:"),
+    ) {
+        (Some(c), Some(d)) => Ok(c.saturating_add(d)),
+        _ => Err(RssError::NoVmRss(path)),
+    }
+}
+
+/// The parent process id of `pid` (`PPid:` of `/proc/<pid>/status`).
+pub fn parent_pid(pid: u32) -> Result<u32, RssError> {
+    let path = format!("/proc/{pid}/status");
+    let s = read(&path)?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|r| r.trim().parse().ok())
+        .ok_or(RssError::NoVmRss(path))
 }
 
 /// `(RssAnon, RssFile)` of this process in KiB: private memory, and file pages (the executable's

@@ -9,7 +9,7 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use kvm_host::ExitReason;
-use kvm_host::demo::{self, DemoConfig, DemoOutcome, StorageHosting};
+use kvm_host::demo::{self, DemoConfig, DemoOutcome, NetworkHosting, StorageHosting};
 use kvm_host::testguest;
 
 /// One partition at a time: 2 cores, and KVM emulates every guest instruction.
@@ -63,6 +63,24 @@ fn boot_scenario(
     vcpus: u32,
     fast_signals: bool,
 ) -> DemoOutcome {
+    boot_hosted(
+        scenario,
+        disk,
+        storage,
+        NetworkHosting::InProcess,
+        vcpus,
+        fast_signals,
+    )
+}
+
+fn boot_hosted(
+    scenario: u64,
+    disk: &Path,
+    storage: StorageHosting,
+    network: NetworkHosting,
+    vcpus: u32,
+    fast_signals: bool,
+) -> DemoOutcome {
     let _one = SERIAL
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
@@ -73,6 +91,7 @@ fn boot_scenario(
         vcpus,
         disk: disk.to_path_buf(),
         storage,
+        network,
         timeout: Duration::from_secs(60),
         echo_serial: false,
         fast_signals,
@@ -241,6 +260,9 @@ fn vmbus_guest_with_storvsp_in_process_on_a_dynamic_vhd() {
     check(&o);
     assert_eq!(o.disk_kind, "VHD");
     assert_eq!(o.storage_hosting, "in-process");
+    assert_eq!(o.network_hosting, "in-process");
+    assert!(o.vsps.is_empty(), "{:?}", o.vsps);
+    assert_eq!(o.overhead_kib(), o.memory.overhead_kib());
     check_disk(&o, &disk);
 }
 
@@ -264,7 +286,9 @@ fn vmbus_guest_with_storvsp_in_a_vsp_process_on_a_raw_image() {
         "{}",
         o.storage_hosting
     );
-    assert!(o.vsp_rss_kib.is_some());
+    assert_eq!(o.vsps.len(), 1, "{:?}", o.vsps);
+    assert_eq!(o.vsps[0].name, "storage");
+    assert!(o.vsps[0].rss_kib > 0);
     assert!(
         o.transcript
             .detail("scsi-read-capacity")
@@ -343,4 +367,136 @@ fn vmbus_guest_with_every_signal_through_the_vmm() {
         o.run,
         o.bus
     );
+}
+
+/// The demo's default: storvsp and netvsp (with the switch and the host endpoint) each in a VSP
+/// process that is a child of the VMM while the guest runs; the endpoint in the child answered
+/// ARP and ping (its counters come back through the shared page), and the overhead figure counts
+/// the children's private memory.
+#[test]
+fn vmbus_guest_with_both_vsps_in_processes() {
+    if !kvm_or_skip("vmbus_guest_with_both_vsps_in_processes") {
+        return;
+    }
+    let dir = TempDir::new("oop");
+    let disk = dir.0.join("disk.vhd");
+    kvm_host::devices::create_dynamic_vhd(&disk, 64 << 20).unwrap();
+    let exe = PathBuf::from(env!("CARGO_BIN_EXE_kvm-host"));
+    let o = boot_hosted(
+        testguest::MODE_VMBUS,
+        &disk,
+        StorageHosting::Process { exe: exe.clone() },
+        NetworkHosting::Process { exe },
+        1,
+        true,
+    );
+    check(&o);
+    assert!(o.io_ok() && o.net_ok());
+    assert!(o.peer_replies.0 >= 1 && o.peer_replies.1 >= 1, "{o:?}");
+    let names: Vec<&str> = o.vsps.iter().map(|v| v.name).collect();
+    assert_eq!(names, ["storage", "network"]);
+    for v in &o.vsps {
+        assert_ne!(v.pid, std::process::id());
+        assert!(
+            v.child_while_running,
+            "{v:?} was not our child while the guest ran"
+        );
+        assert!(v.private_kib > 0 && v.rss_kib > v.private_kib, "{v:?}");
+    }
+    assert_ne!(o.vsps[0].pid, o.vsps[1].pid);
+    assert_eq!(o.storage_hosting, format!("VSP process {}", o.vsps[0].pid));
+    assert_eq!(o.network_hosting, format!("VSP process {}", o.vsps[1].pid));
+    assert_eq!(
+        o.overhead_kib(),
+        o.memory.overhead_kib() + o.vsps[0].private_kib + o.vsps[1].private_kib
+    );
+    // The supervisors reaped them when the demo ended.
+    for v in &o.vsps {
+        assert!(
+            !Path::new(&format!("/proc/{}", v.pid)).exists()
+                || kvm_host::rss::parent_pid(v.pid).ok() != Some(std::process::id()),
+            "{v:?} outlived the demo"
+        );
+    }
+    check_disk(&o, &disk);
+}
+
+/// Runs `kvm-host demo` with `args`; returns its stdout.
+fn demo_cli(args: &[&str]) -> String {
+    let _one = SERIAL
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_kvm-host"))
+        .arg("demo")
+        .arg("--guest")
+        .arg(guest())
+        .args(args)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// `RESULT demo ok=1 ...` with every flag 1; returns overhead_kib.
+fn check_result_line(text: &str) -> u64 {
+    let line = text.lines().last().unwrap();
+    assert!(line.starts_with("RESULT demo ok=1 boot_ms="), "{text}");
+    assert_eq!(field(line, "io_ok"), 1, "{text}");
+    assert_eq!(field(line, "net_ok"), 1, "{text}");
+    assert!(field(line, "boot_ms") > 0, "{text}");
+    field(line, "overhead_kib")
+}
+
+#[test]
+fn demo_command_runs_both_vsps_as_processes_by_default() {
+    if !kvm_or_skip("demo_command_runs_both_vsps_as_processes_by_default") {
+        return;
+    }
+    let text = demo_cli(&[]);
+    let overhead = check_result_line(&text);
+    let devices = text.lines().find(|l| l.starts_with("devices:")).unwrap();
+    assert!(
+        devices.contains("storage VSP process ") && devices.contains("network VSP process "),
+        "{devices}"
+    );
+    let sum = text
+        .lines()
+        .find(|l| l.starts_with("memory: overhead_kib "))
+        .unwrap();
+    assert!(sum.contains("VSP processes' private"), "{sum}");
+    let stated: u64 = sum
+        .strip_prefix("memory: overhead_kib ")
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap();
+    assert_eq!(stated, overhead, "{sum}");
+    let vsps = text
+        .lines()
+        .find(|l| l.starts_with("memory: VSP processes "))
+        .unwrap();
+    assert!(
+        vsps.contains("storage pid ") && vsps.contains("network pid "),
+        "{vsps}"
+    );
+    assert!(!vsps.contains("not seen as a child"), "{vsps}");
+}
+
+#[test]
+fn demo_command_in_process() {
+    if !kvm_or_skip("demo_command_in_process") {
+        return;
+    }
+    let text = demo_cli(&["--in-process"]);
+    check_result_line(&text);
+    let devices = text.lines().find(|l| l.starts_with("devices:")).unwrap();
+    assert!(
+        devices.contains("storage in-process") && devices.contains("network in-process"),
+        "{devices}"
+    );
+    assert!(!text.contains("memory: VSP processes"), "{text}");
 }

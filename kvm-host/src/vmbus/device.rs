@@ -12,6 +12,7 @@ use ringbuf::signal::Doorbell;
 use vmbus_core::device::{
     ChannelControl, DeviceDescription, DeviceError, OpenChannelInfo, VmbusDevice,
 };
+use vmbus_core::gpadl::Gpadl;
 use vmbus_core::oop::{ChannelResources, GuestRegions, HostedDevice, Region, Supervisor};
 use vsp_net::netvsp::{ChannelRings, Netvsp};
 
@@ -75,6 +76,13 @@ pub trait BusDevice: Send {
     fn close(&mut self, relid: u32);
     /// Called about every 100 ms on the bus thread (restart a dead VSP process, ...).
     fn service(&mut self) {}
+    /// The guest completed a GPADL for one of this device's channels (before the guest hears of
+    /// it): a VSP process that looks buffers up by handle gets it here.
+    fn gpadl_created(&mut self, _gpadl: &Gpadl) {}
+    /// The guest tore a GPADL down.
+    fn gpadl_removed(&mut self, _handle: u32) {}
+    /// The guest disconnected: every GPADL is gone.
+    fn bus_reset(&mut self) {}
     /// `in-process` or `VSP process <pid>`.
     fn hosting(&self) -> String {
         "in-process".into()
@@ -172,8 +180,8 @@ pub type RingSlot = Arc<Mutex<Option<ChannelRings<MappedRing>>>>;
 
 /// netvsp in process, driven through [`VmbusDevice`]: the bus maps the rings and leaves them in
 /// `slot`, where the device's ring mapper (see [`netvsp_ring_mapper`]) picks them up. (As a VSP
-/// process netvsp is `vsp_net::netvsp::HostedNetvsp` behind `vsp-net serve`, with its buffer
-/// GPADLs forwarded by the supervisor; this host does not start that yet.)
+/// process netvsp is `vsp_net::netvsp::HostedNetvsp` behind `kvm-host vsp net` or `vsp-net serve`,
+/// an [`OutOfProcess`] device with its buffer GPADLs forwarded.)
 pub struct NetvspDevice {
     pub device: Netvsp<MappedRing>,
     pub slot: RingSlot,
@@ -220,16 +228,30 @@ impl BusDevice for NetvspDevice {
     }
 }
 
+/// How often an out-of-process device's state is saved for restarts while it has open channels.
+const REFRESH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+
 /// A device in a supervised VSP process ([`vmbus_core::oop`]): the process maps the rings from the
-/// memfds itself and is restarted (channels re-opened from the rings' state) if it dies.
+/// memfds itself and is restarted (channels re-opened from the rings' state) if it dies. GPADLs of
+/// its channels are forwarded (netvsp's buffers); its state is saved every 500 ms while channels
+/// are open, so a restarted process resumes the guest's session.
 pub struct OutOfProcess {
     supervisor: Supervisor,
     desc: DeviceDescription,
+    open: usize,
+    refreshed: Option<std::time::Instant>,
+    gpadls: std::collections::BTreeSet<u32>,
 }
 
 impl OutOfProcess {
     pub fn new(supervisor: Supervisor, desc: DeviceDescription) -> Self {
-        OutOfProcess { supervisor, desc }
+        OutOfProcess {
+            supervisor,
+            desc,
+            open: 0,
+            refreshed: None,
+            gpadls: Default::default(),
+        }
     }
 
     /// The VSP's process id.
@@ -252,10 +274,14 @@ impl BusDevice for OutOfProcess {
         let (kick, call) = (dup(&ch.kick)?, dup(&ch.call)?);
         self.supervisor
             .open(ch.info, kick, call)
-            .map_err(|e| DeviceError::RingMapping(format!("VSP process: {e}")))
+            .map_err(|e| DeviceError::RingMapping(format!("VSP process: {e}")))?;
+        self.open += 1;
+        self.refreshed = None;
+        Ok(())
     }
 
     fn close(&mut self, relid: u32) {
+        self.open = self.open.saturating_sub(1);
         if let Err(e) = self.supervisor.close(relid) {
             tracing::warn!(relid, "VSP process close: {e}");
         }
@@ -266,6 +292,47 @@ impl BusDevice for OutOfProcess {
             Ok(true) => tracing::warn!("VSP process died; restarted with its channels"),
             Ok(false) => {}
             Err(e) => tracing::error!("VSP process cannot be restarted: {e}"),
+        }
+        if self.open > 0
+            && self
+                .refreshed
+                .is_none_or(|t| t.elapsed() >= REFRESH_INTERVAL)
+        {
+            self.refreshed = Some(std::time::Instant::now());
+            if let Err(e) = self.supervisor.refresh_state() {
+                tracing::warn!("VSP process state not saved: {e}");
+            }
+        }
+        let asked = self.supervisor.take_subchannel_requests();
+        if !asked.is_empty() {
+            tracing::info!(?asked, "VSP process asked for sub-channels; none offered");
+        }
+    }
+
+    fn gpadl_created(&mut self, gpadl: &Gpadl) {
+        match self.supervisor.add_gpadl(gpadl.clone()) {
+            Ok(()) => {
+                self.gpadls.insert(gpadl.handle);
+            }
+            Err(e) => {
+                tracing::warn!(
+                    handle = gpadl.handle,
+                    "VSP process: GPADL not forwarded: {e}"
+                )
+            }
+        }
+    }
+
+    fn bus_reset(&mut self) {
+        for h in std::mem::take(&mut self.gpadls) {
+            self.gpadl_removed(h);
+        }
+    }
+
+    fn gpadl_removed(&mut self, handle: u32) {
+        self.gpadls.remove(&handle);
+        if let Err(e) = self.supervisor.remove_gpadl(handle) {
+            tracing::warn!(handle, "VSP process: GPADL not revoked: {e}");
         }
     }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use ringbuf::signal::Doorbell;
 use vmbus_core::device::OpenChannelInfo;
 use vmbus_core::host::{HostAction, Server};
-use vmbus_core::wire::MessageBuf;
+use vmbus_core::wire::{MessageBuf, MessageType};
 
 use super::device::ChannelSetup;
 use super::{BusHandler, BusStats, Slot, lock};
@@ -135,10 +135,49 @@ impl BusLoop {
             if let Err(e) = lock(&self.server).handle_message(connection_id, &payload) {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(connection_id, "vmbus: guest message refused: {e}");
+            } else {
+                self.forward_gpadls(&payload);
             }
             self.run_actions();
         }
         self.run_actions();
+    }
+
+    /// GPADL messages the server accepted reach the devices before the guest hears the answer
+    /// (GPADL_CREATED / GPADL_TORNDOWN wait in the backlog): a completed GPADL goes to the device
+    /// whose channel it names, a teardown to every device.
+    fn forward_gpadls(&mut self, payload: &[u8]) {
+        let word = |at: usize| {
+            payload
+                .get(at..at.saturating_add(4))
+                .and_then(|b| b.try_into().ok())
+                .map(u32::from_le_bytes)
+        };
+        let (Some(kind), Some(handle)) = (word(0), word(12)) else {
+            return;
+        };
+        if kind == MessageType::GpadlTeardown as u32 {
+            for s in &mut self.slots {
+                s.device.gpadl_removed(handle);
+            }
+            return;
+        }
+        if kind != MessageType::GpadlHeader as u32 && kind != MessageType::GpadlBody as u32 {
+            return;
+        }
+        let (gpadl, owner) = {
+            let server = lock(&self.server);
+            let Some(g) = server.gpadl(handle).cloned() else {
+                return; // Bodies still to come.
+            };
+            let owner = self.slots.iter().position(|s| {
+                s.relid == g.relid || server.device_channels(s.relid).any(|r| r == g.relid)
+            });
+            (g, owner)
+        };
+        if let Some(s) = owner.and_then(|i| self.slots.get_mut(i)) {
+            s.device.gpadl_created(&gpadl);
+        }
     }
 
     /// Runs the server's actions; device calls happen without the server lock (netvsp's worker
@@ -164,6 +203,9 @@ impl BusLoop {
                     }
                 }
                 HostAction::Reset => {
+                    for s in &mut self.slots {
+                        s.device.bus_reset();
+                    }
                     let relids: Vec<u32> = self.open.keys().copied().collect();
                     for relid in relids {
                         self.close(relid);
