@@ -70,6 +70,12 @@ pub enum DeviceError {
     BadSavedState(alloc::string::String),
 }
 
+impl From<crate::savestate::Truncated> for DeviceError {
+    fn from(e: crate::savestate::Truncated) -> Self {
+        DeviceError::BadSavedState(alloc::string::ToString::to_string(&e))
+    }
+}
+
 /// Requests a device makes to the bus while running.
 pub trait ChannelControl {
     /// Offer `count` sub-channels of the device's primary channel (the device protocol asked for

@@ -22,5 +22,6 @@ pub mod host;
 pub mod memory;
 #[cfg(feature = "std")]
 pub mod oop;
+pub mod savestate;
 pub mod synic;
 pub mod wire;

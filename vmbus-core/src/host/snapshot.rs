@@ -11,6 +11,7 @@ use super::server::{Channel, Connection, Server};
 use super::{ChannelState, ServerConfig};
 use crate::device::DeviceDescription;
 use crate::gpadl::{Gpadl, GpadlBuilder, GpadlRange, RamRanges};
+use crate::savestate::{StateReader, StateWriter, Truncated};
 use crate::wire::{Guid, USER_DEFINED_SIZE, Version};
 use alloc::collections::VecDeque;
 use alloc::vec::Vec;
@@ -177,8 +178,8 @@ impl Server {
 
 impl ServerSnapshot {
     pub fn to_bytes(&self) -> Vec<u8> {
-        let mut w = Writer(Vec::new());
-        w.0.extend_from_slice(&MAGIC);
+        let mut w = StateWriter::new();
+        w.bytes(&MAGIC);
         w.u32(FORMAT);
         match self.connection {
             None => w.u8(0),
@@ -193,8 +194,8 @@ impl ServerSnapshot {
         w.len(self.channels.len());
         for c in &self.channels {
             w.u32(c.relid);
-            w.0.extend_from_slice(&c.desc.class.to_wire_bytes());
-            w.0.extend_from_slice(&c.desc.instance.to_wire_bytes());
+            w.bytes(&c.desc.class.to_wire_bytes());
+            w.bytes(&c.desc.instance.to_wire_bytes());
             match c.desc.pipe_mode {
                 None => w.u8(0),
                 Some(m) => {
@@ -204,7 +205,7 @@ impl ServerSnapshot {
             }
             w.u16(c.desc.mmio_megabytes);
             w.u16(c.desc.max_subchannels);
-            w.0.extend_from_slice(&c.desc.user_defined);
+            w.bytes(&c.desc.user_defined);
             w.u16(c.subchannel_index);
             w.u32(c.primary);
             let (tag, gpadl, vp) = match c.state {
@@ -218,7 +219,7 @@ impl ServerSnapshot {
             w.u32(gpadl);
             w.u32(vp);
             w.u32(c.openid);
-            w.0.extend_from_slice(&c.user_data);
+            w.bytes(&c.user_data);
             w.u32(c.downstream_offset);
         }
         w.len(self.gpadls.len());
@@ -246,11 +247,11 @@ impl ServerSnapshot {
         }
         w.len(self.tearing_down.len());
         self.tearing_down.iter().for_each(|&h| w.u32(h));
-        w.0
+        w.into_bytes()
     }
 
     pub fn from_bytes(bytes: &[u8]) -> Result<Self, SnapshotError> {
-        let mut r = Reader(bytes);
+        let mut r = StateReader::new(bytes);
         if r.take::<4>()? != MAGIC {
             return Err(SnapshotError::BadMagic);
         }
@@ -320,8 +321,8 @@ impl ServerSnapshot {
                 ranges.push(GpadlRange {
                     byte_offset: r.u32()?,
                     byte_count: r.u32()?,
-                    first_pfn: r.len()?,
-                    pfn_count: r.len()?,
+                    first_pfn: len(&mut r)?,
+                    pfn_count: len(&mut r)?,
                 });
             }
             let np = r.count(8)?;
@@ -336,7 +337,8 @@ impl ServerSnapshot {
         let n = r.count(14)?;
         let mut building = Vec::with_capacity(n);
         for _ in 0..n {
-            let (relid, handle, rangecount, expected) = (r.u32()?, r.u32()?, r.u16()?, r.len()?);
+            let (relid, handle, rangecount, expected) =
+                (r.u32()?, r.u32()?, r.u16()?, len(&mut r)?);
             let nw = r.count(8)?;
             let words = (0..nw).map(|_| r.u64()).collect::<Result<Vec<_>, _>>()?;
             building.push((relid, handle, rangecount, expected, words));
@@ -353,59 +355,13 @@ impl ServerSnapshot {
     }
 }
 
-struct Writer(Vec<u8>);
-
-impl Writer {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn len(&mut self, v: usize) {
-        self.u64(v as u64);
+impl From<Truncated> for SnapshotError {
+    fn from(_: Truncated) -> Self {
+        SnapshotError::Truncated
     }
 }
 
-struct Reader<'a>(&'a [u8]);
-
-impl Reader<'_> {
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], SnapshotError> {
-        let (head, rest) = self
-            .0
-            .split_first_chunk::<N>()
-            .ok_or(SnapshotError::Truncated)?;
-        self.0 = rest;
-        Ok(*head)
-    }
-    fn u8(&mut self) -> Result<u8, SnapshotError> {
-        self.take().map(u8::from_le_bytes)
-    }
-    fn u16(&mut self) -> Result<u16, SnapshotError> {
-        self.take().map(u16::from_le_bytes)
-    }
-    fn u32(&mut self) -> Result<u32, SnapshotError> {
-        self.take().map(u32::from_le_bytes)
-    }
-    fn u64(&mut self) -> Result<u64, SnapshotError> {
-        self.take().map(u64::from_le_bytes)
-    }
-    fn len(&mut self) -> Result<usize, SnapshotError> {
-        usize::try_from(self.u64()?).map_err(|_| SnapshotError::Invalid("length"))
-    }
-    /// An element count, refused when the remaining bytes cannot hold that many elements of at
-    /// least `min_size` bytes (so a corrupt count never drives a huge allocation).
-    fn count(&mut self, min_size: usize) -> Result<usize, SnapshotError> {
-        let n = self.len()?;
-        if n.checked_mul(min_size).is_none_or(|b| b > self.0.len()) {
-            return Err(SnapshotError::Truncated);
-        }
-        Ok(n)
-    }
+/// A length field that must fit this host's `usize`.
+fn len(r: &mut StateReader<'_>) -> Result<usize, SnapshotError> {
+    r.len()?.ok_or(SnapshotError::Invalid("length"))
 }

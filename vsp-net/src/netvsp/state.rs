@@ -13,6 +13,7 @@ use super::core::{Core, RndisPhase, RndisState, Rss, Session};
 use ringbuf::RingMem;
 use vmbus_core::device::DeviceError;
 use vmbus_core::devices::nvsp::{self, version};
+use vmbus_core::savestate::{StateReader, StateWriter};
 
 const MAGIC: u32 = 0x5353_564e; // "NVSS"
 const FORMAT: u32 = 1;
@@ -53,82 +54,43 @@ pub struct SavedState {
     pub reported_link: Option<bool>,
 }
 
-struct W(Vec<u8>);
-
-impl W {
-    fn u8(&mut self, v: u8) {
-        self.0.push(v);
-    }
-    fn u16(&mut self, v: u16) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u32(&mut self, v: u32) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn u64(&mut self, v: u64) {
-        self.0.extend_from_slice(&v.to_le_bytes());
-    }
-    fn buffer(&mut self, b: Option<SavedBuffer>) {
-        self.u8(u8::from(b.is_some()));
-        let b = b.unwrap_or(SavedBuffer {
-            handle: 0,
-            id: 0,
-            section_size: 0,
-        });
-        self.u32(b.handle);
-        self.u16(b.id);
-        self.u32(b.section_size);
-    }
-}
-
-struct R<'a>(&'a [u8]);
-
 fn bad(why: impl Into<String>) -> DeviceError {
     DeviceError::BadSavedState(why.into())
 }
 
-impl R<'_> {
-    fn take<const N: usize>(&mut self) -> Result<[u8; N], DeviceError> {
-        let (head, rest) = self
-            .0
-            .split_first_chunk::<N>()
-            .ok_or_else(|| bad("netvsp state truncated"))?;
-        self.0 = rest;
-        Ok(*head)
+fn put_buffer(w: &mut StateWriter, b: Option<SavedBuffer>) {
+    w.u8(u8::from(b.is_some()));
+    let b = b.unwrap_or(SavedBuffer {
+        handle: 0,
+        id: 0,
+        section_size: 0,
+    });
+    w.u32(b.handle);
+    w.u16(b.id);
+    w.u32(b.section_size);
+}
+
+fn get_flag(r: &mut StateReader<'_>) -> Result<bool, DeviceError> {
+    match r.u8()? {
+        0 => Ok(false),
+        1 => Ok(true),
+        v => Err(bad(format!("netvsp state: flag byte {v}"))),
     }
-    fn u8(&mut self) -> Result<u8, DeviceError> {
-        Ok(self.take::<1>()?[0])
-    }
-    fn flag(&mut self) -> Result<bool, DeviceError> {
-        match self.u8()? {
-            0 => Ok(false),
-            1 => Ok(true),
-            v => Err(bad(format!("netvsp state: flag byte {v}"))),
-        }
-    }
-    fn u16(&mut self) -> Result<u16, DeviceError> {
-        Ok(u16::from_le_bytes(self.take()?))
-    }
-    fn u32(&mut self) -> Result<u32, DeviceError> {
-        Ok(u32::from_le_bytes(self.take()?))
-    }
-    fn u64(&mut self) -> Result<u64, DeviceError> {
-        Ok(u64::from_le_bytes(self.take()?))
-    }
-    fn buffer(&mut self) -> Result<Option<SavedBuffer>, DeviceError> {
-        let present = self.flag()?;
-        let b = SavedBuffer {
-            handle: self.u32()?,
-            id: self.u16()?,
-            section_size: self.u32()?,
-        };
-        Ok(present.then_some(b))
-    }
+}
+
+fn get_buffer(r: &mut StateReader<'_>) -> Result<Option<SavedBuffer>, DeviceError> {
+    let present = get_flag(r)?;
+    let b = SavedBuffer {
+        handle: r.u32()?,
+        id: r.u16()?,
+        section_size: r.u32()?,
+    };
+    Ok(present.then_some(b))
 }
 
 impl SavedState {
     pub fn encode(&self) -> Vec<u8> {
-        let mut w = W(Vec::with_capacity(128));
+        let mut w = StateWriter::new();
         w.u32(MAGIC);
         w.u32(FORMAT);
         w.u32(self.nvsp_version.unwrap_or(0));
@@ -145,11 +107,11 @@ impl SavedState {
         w.u16(self.granted);
         w.u8(u8::from(self.table_pending));
         w.u16(self.offered);
-        w.buffer(self.rx);
-        w.buffer(self.tx);
+        put_buffer(&mut w, self.rx);
+        put_buffer(&mut w, self.tx);
         w.u8(self.rndis_phase);
         w.u32(self.filter);
-        w.0.extend_from_slice(&self.mac);
+        w.bytes(&self.mac);
         w.u8(u8::from(self.rx_csum.0));
         w.u8(u8::from(self.rx_csum.1));
         w.u8(u8::from(self.rx_csum.2));
@@ -160,19 +122,19 @@ impl SavedState {
         });
         w.u8(u8::from(self.rss.is_some()));
         if let Some((key, hash_info, table)) = &self.rss {
-            w.0.extend_from_slice(key);
+            w.bytes(key);
             w.u32(*hash_info);
             w.u16(table.len() as u16);
             for &e in table {
                 w.u32(e);
             }
         }
-        w.0
+        w.into_bytes()
     }
 
     /// Parses and range-checks a saved state for a device whose most queues is `max_queues`.
     pub fn decode(bytes: &[u8], max_queues: u16) -> Result<Self, DeviceError> {
-        let mut r = R(bytes);
+        let mut r = StateReader::new(bytes);
         if r.u32()? != MAGIC {
             return Err(bad("not a netvsp state"));
         }
@@ -186,10 +148,10 @@ impl SavedState {
             v if version::ALL.contains(&v) => Some(v),
             v => return Err(bad(format!("NVSP version {v:#x}"))),
         };
-        let has = r.flag()?;
+        let has = get_flag(&mut r)?;
         let ndis = (r.u32()?, r.u32()?);
         let ndis_version = has.then_some(ndis);
-        let has = r.flag()?;
+        let has = get_flag(&mut r)?;
         let cfg = (r.u32()?, r.u32()?, r.u64()?);
         let ndis_config = has.then_some(cfg);
         let mtu = r.u32()?;
@@ -197,14 +159,14 @@ impl SavedState {
             return Err(bad(format!("MTU {mtu}")));
         }
         let granted = r.u16()?;
-        let table_pending = r.flag()?;
+        let table_pending = get_flag(&mut r)?;
         let offered = r.u16()?;
         let max_sub = max_queues.saturating_sub(1);
         if granted > max_sub || offered > max_sub || granted > offered {
             return Err(bad(format!("sub-channels {granted}/{offered}")));
         }
-        let rx = r.buffer()?;
-        let tx = r.buffer()?;
+        let rx = get_buffer(&mut r)?;
+        let tx = get_buffer(&mut r)?;
         for b in rx.iter().chain(&tx) {
             if b.section_size < MIN_SECTION_SIZE {
                 return Err(bad(format!("section size {}", b.section_size)));
@@ -216,14 +178,14 @@ impl SavedState {
         }
         let filter = r.u32()?;
         let mac = r.take::<6>()?;
-        let rx_csum = (r.flag()?, r.flag()?, r.flag()?);
+        let rx_csum = (get_flag(&mut r)?, get_flag(&mut r)?, get_flag(&mut r)?);
         let reported_link = match r.u8()? {
             0 => None,
             1 => Some(false),
             2 => Some(true),
             v => return Err(bad(format!("link state {v}"))),
         };
-        let rss = if r.flag()? {
+        let rss = if get_flag(&mut r)? {
             let key = r.take::<40>()?;
             let hash_info = r.u32()?;
             let n = usize::from(r.u16()?);
@@ -242,7 +204,7 @@ impl SavedState {
         } else {
             None
         };
-        if !r.0.is_empty() {
+        if r.remaining() != 0 {
             return Err(bad("trailing bytes after netvsp state"));
         }
         Ok(SavedState {
