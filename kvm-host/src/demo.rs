@@ -76,7 +76,8 @@ pub struct DemoConfig {
     pub timeout: Duration,
     /// Echo the guest's serial output to stdout as it runs.
     pub echo_serial: bool,
-    /// In-kernel fast path for guest signals ([`PartitionConfig::fast_signals`]).
+    /// In-kernel fast paths for guest signals and device interrupts
+    /// ([`PartitionConfig::fast_signals`]).
     pub fast_signals: bool,
 }
 

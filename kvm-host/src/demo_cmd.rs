@@ -184,12 +184,13 @@ fn report(o: &DemoOutcome, disk: &Path) {
         println!("  missing steps: {missing:?}");
     }
     println!(
-        "vmbus: {} messages from the guest, {} to it, {} refused; {} guest signals, {} interrupts; {} channel opens, {} closes",
+        "vmbus: {} messages from the guest, {} to it, {} refused; {} guest signals, {} interrupts through the VMM ({} channel(s) on irqfds); {} channel opens, {} closes",
         o.bus.messages_in,
         o.bus.messages_out,
         o.bus.refused,
         o.bus.kicks,
         o.bus.interrupts,
+        o.bus.irqfds,
         o.bus.opens,
         o.bus.closes
     );

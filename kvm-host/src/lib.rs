@@ -19,6 +19,7 @@ pub mod boot;
 pub mod demo;
 pub mod devices;
 pub mod hyperv;
+mod irqfd;
 pub mod linux_boot;
 pub mod linux_guest;
 pub mod memory;

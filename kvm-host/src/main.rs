@@ -155,8 +155,8 @@ struct DemoArgs {
     /// Print the guest's serial output as it runs.
     #[arg(long)]
     verbose: bool,
-    /// Send every guest signal through the VMM instead of the in-kernel ioeventfd path
-    /// (to compare exit counts and timings).
+    /// Send every guest signal and device interrupt through the VMM instead of the in-kernel
+    /// ioeventfd / irqfd paths (to compare exit counts and timings).
     #[arg(long)]
     slow_signals: bool,
 }

@@ -97,8 +97,9 @@ pub struct PartitionConfig {
     pub serial: SerialSink,
     /// Bound of each SynIC (VP, SINT) host→guest queue.
     pub synic_queue_depth: usize,
-    /// Guest signals on open channels complete in the kernel (ioeventfd); `false` sends every
-    /// one through the VMM (for comparisons).
+    /// Guest signals on open channels complete in the kernel (ioeventfd) and so do device
+    /// interrupts while the guest's SynIC allows it (irqfd, the device sets the event flag);
+    /// `false` sends every one through the VMM (for comparisons).
     pub fast_signals: bool,
     /// Guest time runs this many times slower than host time ([`HvPartition::time_dilated`]).
     pub time_dilation: u32,
@@ -167,9 +168,12 @@ impl InterruptSink for MsiInterrupts {
 /// Guest fast `HvSignalEvent`s on open channels complete in the kernel: a KVM ioeventfd per
 /// connection id on [`crate::hyperv::FAST_SIGNAL_PORT`] (PIO, 4 bytes, datamatch = connection id)
 /// rings the channel's kick eventfd.
+/// Device interrupts complete in the kernel too: the channel's call eventfd becomes a KVM irqfd on
+/// an MSI route ([`crate::irqfd`]).
 struct IoEventAccel {
     vm: Arc<VmFd>,
     attached: Mutex<std::collections::HashMap<u32, EventFd>>,
+    irqfds: Option<crate::irqfd::MsiIrqfds>,
 }
 
 impl crate::synic::SignalAccel for IoEventAccel {
@@ -194,6 +198,24 @@ impl crate::synic::SignalAccel for IoEventAccel {
             .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
         map.insert(connection_id, efd);
         Ok(())
+    }
+
+    fn attach_irq(
+        &self,
+        call: &ringbuf::signal::Doorbell,
+        vp: u32,
+        vector: u8,
+    ) -> std::io::Result<u32> {
+        match &self.irqfds {
+            Some(i) => i.attach(call, vp, vector),
+            None => Err(std::io::ErrorKind::Unsupported.into()),
+        }
+    }
+
+    fn detach_irq(&self, handle: u32) {
+        if let Some(i) = &self.irqfds {
+            i.detach(handle);
+        }
     }
 
     fn detach(&self, connection_id: u32) {
@@ -320,9 +342,12 @@ impl Partition {
             config.synic_queue_depth,
         ));
         if config.fast_signals && kvm.check_extension(Cap::Ioeventfd) {
+            let irqfds = (kvm.check_extension(Cap::Irqfd) && kvm.check_extension(Cap::IrqRouting))
+                .then(|| crate::irqfd::MsiIrqfds::new(vm.clone()));
             synic.set_signal_accel(Arc::new(IoEventAccel {
                 vm: vm.clone(),
                 attached: Mutex::default(),
+                irqfds,
             }));
         }
         let hv = Arc::new(

@@ -36,11 +36,19 @@ impl From<WriteError> for ChannelError {
     }
 }
 
+/// Runs in [`Doorbell::ring`] before the eventfd is written (e.g. a VMBus device setting the
+/// channel's event flag in guest memory when the eventfd is a KVM irqfd).
+pub trait RingHook: Send + Sync + std::fmt::Debug {
+    /// `false`: the peer needs no signal this time (the eventfd is not written).
+    fn before_ring(&self) -> bool;
+}
+
 /// A non-blocking eventfd used as a one-way doorbell between two ring users (possibly in different
 /// processes; pass the fd with `SCM_RIGHTS` or inheritance).
 #[derive(Debug)]
 pub struct Doorbell {
     fd: OwnedFd,
+    hook: Option<std::sync::Arc<dyn RingHook>>,
 }
 
 impl Doorbell {
@@ -53,24 +61,36 @@ impl Doorbell {
         }
         // SAFETY: `raw` is a fresh descriptor owned by nobody else.
         let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-        Ok(Doorbell { fd })
+        Ok(Doorbell { fd, hook: None })
     }
 
     /// Wraps an eventfd received from elsewhere. It must be non-blocking: [`Self::wait`] polls first
     /// and then drains the counter with a read that must not block.
     pub fn from_fd(fd: OwnedFd) -> Self {
-        Doorbell { fd }
+        Doorbell { fd, hook: None }
+    }
+
+    /// This doorbell with `hook` run before every [`Self::ring`] (clones keep it).
+    pub fn with_hook(mut self, hook: std::sync::Arc<dyn RingHook>) -> Self {
+        self.hook = Some(hook);
+        self
     }
 
     /// Another handle on the same eventfd.
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(Doorbell {
             fd: self.fd.try_clone()?,
+            hook: self.hook.clone(),
         })
     }
 
-    /// Rings the doorbell (adds 1 to the counter).
+    /// Rings the doorbell (adds 1 to the counter), after the hook (if any) said it is needed.
     pub fn ring(&self) -> io::Result<()> {
+        if let Some(h) = &self.hook
+            && !h.before_ring()
+        {
+            return Ok(());
+        }
         let one = 1u64.to_ne_bytes();
         // SAFETY: writes 8 bytes from a live local buffer to our descriptor.
         let n = unsafe { libc::write(self.fd.as_raw_fd(), one.as_ptr().cast(), 8) };

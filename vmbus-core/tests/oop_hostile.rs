@@ -381,3 +381,116 @@ fn vmm_polls_unsolicited_vsp_messages_and_cuts_off_garbage() {
     );
     fake.join().unwrap();
 }
+
+/// Keeps the call doorbell of the channel it opens, for the test to ring as the device would.
+struct CallKeeper(std::sync::Arc<std::sync::Mutex<Option<Doorbell>>>);
+
+impl HostedDevice for CallKeeper {
+    fn open(&mut self, r: ChannelResources, _: &mut dyn ChannelControl) -> Result<(), DeviceError> {
+        *self.0.lock().unwrap() = Some(r.call);
+        Ok(())
+    }
+    fn close(&mut self, _: u32) {
+        *self.0.lock().unwrap() = None;
+    }
+}
+
+#[test]
+fn vsp_refuses_signal_targets_outside_memory_and_sets_the_flag_before_calling() {
+    use std::os::unix::fs::FileExt;
+    let (vmm, vsp) = Connection::pair().unwrap();
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let keeper = CallKeeper(slot.clone());
+    let server = std::thread::spawn(move || serve(&vsp, &mut { keeper }));
+    vmm.send(
+        &Message::Hello {
+            version: 1,
+            features: vmbus_core::oop::wire::FEATURE_SIGNAL_TARGET,
+        },
+        &[],
+    )
+    .unwrap();
+    match vmm.recv(T).unwrap().0 {
+        Message::Hello { features, .. } => {
+            assert_ne!(features & vmbus_core::oop::wire::FEATURE_SIGNAL_TARGET, 0)
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    // 1 MiB of guest RAM at GPA 1 MiB.
+    let base = 1u64 << 20;
+    let f = ring_memfd("ram", 1 << 20).unwrap();
+    vmm.send(
+        &Message::SetMemory {
+            regions: vec![Region {
+                gpa: base,
+                size: 1 << 20,
+                fd_offset: 0,
+            }],
+        },
+        &[f.as_fd()],
+    )
+    .unwrap();
+    assert_eq!(reply_status(&vmm, ty::SET_MEMORY), 0);
+    let target = |relid, target| Message::SignalTarget { relid, target };
+    // Before the channel is open: refused.
+    vmm.send(&target(1, Some((base + 0x800, 5))), &[]).unwrap();
+    assert_ne!(reply_status(&vmm, ty::SIGNAL_TARGET), 0);
+    let kick = Doorbell::new().unwrap();
+    let call = Doorbell::new().unwrap();
+    vmm.send(
+        &Message::Open(ChannelOpen {
+            relid: 1,
+            subchannel_index: 0,
+            target_vp: 0,
+            connection_id: 1,
+            downstream_offset: 4,
+            user_data: [0; 120],
+            ring_pages: (256..264).collect(),
+        }),
+        &[kick.as_fd(), call.as_fd()],
+    )
+    .unwrap();
+    assert_eq!(reply_status(&vmm, ty::OPEN), 0);
+    // Outside the memory table (below, past the end, straddling it), misaligned, another relid.
+    for bad in [
+        target(1, Some((0x800, 0))),
+        target(1, Some((base + (1 << 20), 0))),
+        target(1, Some((base + (1 << 20) - 2, 0))),
+        target(1, Some((u64::MAX - 3, 0))),
+        target(1, Some((base + 0x801, 0))),
+        target(9, Some((base + 0x800, 0))),
+    ] {
+        vmm.send(&bad, &[]).unwrap();
+        assert_ne!(reply_status(&vmm, ty::SIGNAL_TARGET), 0, "{bad:?}");
+    }
+    let ring = || slot.lock().unwrap().as_ref().unwrap().ring().unwrap();
+    let word = || {
+        let mut b = [0u8; 4];
+        f.read_exact_at(&mut b, 0x800).unwrap();
+        u32::from_le_bytes(b)
+    };
+    // Refused targets changed nothing: the device only calls.
+    ring();
+    assert!(call.clear().unwrap());
+    assert_eq!(word(), 0);
+    // A good target: flag first, then the call; a flag still set needs no second call.
+    vmm.send(&target(1, Some((base + 0x800, 5))), &[]).unwrap();
+    assert_eq!(reply_status(&vmm, ty::SIGNAL_TARGET), 0);
+    ring();
+    assert_eq!(word(), 1 << 5);
+    assert!(call.clear().unwrap());
+    ring();
+    assert!(!call.clear().unwrap());
+    // Back to the VMM: call only.
+    vmm.send(&target(1, None), &[]).unwrap();
+    assert_eq!(reply_status(&vmm, ty::SIGNAL_TARGET), 0);
+    f.write_all_at(&[0; 4], 0x800).unwrap();
+    ring();
+    assert!(call.clear().unwrap());
+    assert_eq!(word(), 0);
+    // The VSP is alive and serving.
+    vmm.send(&Message::Close { relid: 1 }, &[]).unwrap();
+    assert_eq!(reply_status(&vmm, ty::CLOSE), 0);
+    drop(vmm);
+    assert!(server.join().unwrap().is_ok());
+}

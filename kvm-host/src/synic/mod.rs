@@ -73,6 +73,10 @@ pub trait SynicHandler: Send + Sync {
         payload: &[u8],
     ) -> Result<(), PortStatus>;
 
+    /// VP `vp` changed SCONTROL, SIEFP or a SINT register (called on its vCPU thread, after the
+    /// change took effect).
+    fn synic_changed(&self, _vp: u32) {}
+
     /// `HvSignalEvent` from VP `vp` on event port `connection_id` with flag number `flag`.
     fn signal_event(
         &self,
@@ -90,6 +94,30 @@ pub trait SignalAccel: Send + Sync {
     fn attach(&self, connection_id: u32, kick: &ringbuf::signal::Doorbell) -> std::io::Result<()>;
     /// Undo [`Self::attach`]; later signals on `connection_id` exit to the VMM again.
     fn detach(&self, connection_id: u32);
+    /// From now on, writing `call` raises `vector` on VP `vp` in the kernel (an irqfd on an MSI
+    /// route); returns the route's handle for [`Self::detach_irq`].
+    fn attach_irq(
+        &self,
+        _call: &ringbuf::signal::Doorbell,
+        _vp: u32,
+        _vector: u8,
+    ) -> std::io::Result<u32> {
+        Err(std::io::ErrorKind::Unsupported.into())
+    }
+    /// Undo [`Self::attach_irq`]; when this returns the kernel no longer consumes `call`.
+    fn detach_irq(&self, _handle: u32) {}
+}
+
+/// Where a device may set a channel's event flag itself: the guest's SynIC state allows it
+/// (SCONTROL and SIEFP enabled, the SINT unmasked and not polling).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct EventTarget {
+    /// GPA of the 32-bit word holding the flag.
+    pub word_gpa: u64,
+    /// The flag's bit in that word.
+    pub bit: u32,
+    /// The SINT's vector.
+    pub vector: u8,
 }
 
 #[derive(Debug)]
@@ -204,6 +232,68 @@ impl Synic {
             Err(e) => {
                 tracing::warn!(connection_id, "fast signal path not attached: {e}");
                 false
+            }
+        }
+    }
+
+    /// Makes `call` an in-kernel interrupt source for `vector` on `vp` when the partition can;
+    /// `None`: the VMM keeps delivering.
+    pub fn attach_irq(&self, call: &ringbuf::signal::Doorbell, vp: u32, vector: u8) -> Option<u32> {
+        let accel = self
+            .accel
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()?;
+        match accel.attach_irq(call, vp, vector) {
+            Ok(h) => Some(h),
+            Err(e) if e.kind() == std::io::ErrorKind::Unsupported => None,
+            Err(e) => {
+                tracing::warn!(vp, vector, "irqfd not attached: {e}");
+                None
+            }
+        }
+    }
+
+    /// Undo [`Self::attach_irq`].
+    pub fn detach_irq(&self, handle: u32) {
+        let accel = self
+            .accel
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        if let Some(a) = accel {
+            a.detach_irq(handle);
+        }
+    }
+
+    /// Where event `flag` of `sint` on VP `vp` may be set by a device directly, if the guest's
+    /// SynIC state allows it now.
+    pub fn event_target(&self, vp: u32, sint: Sint, flag: u32) -> Option<EventTarget> {
+        if flag >= vmbus_core::synic::EVENT_FLAGS_PER_SINT {
+            return None;
+        }
+        let st = self.vp(vp).ok()?;
+        let reg = st.sint_reg(sint);
+        if st.scontrol & 1 == 0 || st.siefp & 1 == 0 || reg & (SINT_MASKED | SINT_POLLING) != 0 {
+            return None;
+        }
+        let word_gpa = (st.siefp & !0xFFF)
+            + (sint.index() as u64) * vmbus_core::synic::SLOT_SIZE as u64
+            + u64::from(flag / 32) * 4;
+        Some(EventTarget {
+            word_gpa,
+            bit: flag % 32,
+            vector: (reg & 0xFF) as u8,
+        })
+    }
+
+    /// Raises `sint`'s interrupt on `vp` if it is unmasked (a conservative extra interrupt: the
+    /// guest scans its flags and finds nothing new, or what a switch of paths left behind).
+    pub fn raise_sint(&self, vp: u32, sint: Sint) {
+        if let Ok(st) = self.vp(vp) {
+            let reg = st.sint_reg(sint);
+            if reg & SINT_MASKED == 0 {
+                self.raise(vp, reg);
             }
         }
     }
@@ -458,6 +548,12 @@ impl Synic {
         }
         // EOM and every change of the delivery preconditions re-offer queued messages.
         self.pump(vp, &mut st);
+        drop(st);
+        if matches!(index, msr::SCONTROL | msr::SIEFP | msr::SINT0..=msr::SINT15)
+            && let Some(h) = self.handler()
+        {
+            h.synic_changed(vp);
+        }
         Ok(())
     }
 }

@@ -252,3 +252,37 @@ fn concurrent_host_posts_and_guest_eoms_lose_nothing_and_keep_order() {
     assert_eq!(s.queued(0, S2), 0);
     assert!(!rec.take().is_empty());
 }
+
+/// Where a device may set a channel's flag itself: only while SCONTROL, SIEFP and the unmasked,
+/// non-polling SINT allow delivery; the word is the flag's in the SINT's 256-byte area.
+#[test]
+fn event_target_follows_the_synic_state() {
+    let (_ram, rec, s) = synic(2, 8);
+    assert_eq!(s.event_target(0, S2, 5), None);
+    enable(&s, 0, 0x93);
+    let t = s.event_target(0, S2, 37).unwrap();
+    assert_eq!(
+        t,
+        EventTarget {
+            word_gpa: SIEFP + 2 * 256 + 4,
+            bit: 5,
+            vector: 0x93
+        }
+    );
+    assert_eq!(s.event_target(1, S2, 37), None, "VP 1 has no SynIC yet");
+    assert_eq!(s.event_target(0, S2, 2048), None, "beyond the SINT's flags");
+    s.write_msr(0, msr::SINT0 + 2, 0x93 | SINT_POLLING).unwrap();
+    assert_eq!(s.event_target(0, S2, 37), None);
+    s.write_msr(0, msr::SINT0 + 2, 0x93 | SINT_MASKED).unwrap();
+    assert_eq!(s.event_target(0, S2, 37), None);
+    // raise_sint respects the mask.
+    rec.take();
+    s.raise_sint(0, S2);
+    assert!(rec.take().is_empty());
+    s.write_msr(0, msr::SINT0 + 2, 0x94).unwrap();
+    s.raise_sint(0, S2);
+    assert_eq!(rec.take(), [(0, 0x94)]);
+    assert_eq!(s.event_target(0, S2, 37).map(|t| t.vector), Some(0x94));
+    s.write_msr(0, msr::SIEFP, 0).unwrap();
+    assert_eq!(s.event_target(0, S2, 37), None);
+}

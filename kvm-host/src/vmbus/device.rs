@@ -13,7 +13,9 @@ use vmbus_core::device::{
     ChannelControl, DeviceDescription, DeviceError, OpenChannelInfo, VmbusDevice,
 };
 use vmbus_core::gpadl::Gpadl;
-use vmbus_core::oop::{ChannelResources, GuestRegions, HostedDevice, Region, Supervisor};
+use vmbus_core::oop::{
+    ChannelResources, FlagSetter, FlagTarget, GuestRegions, HostedDevice, Region, Supervisor,
+};
 use vsp_net::netvsp::{ChannelRings, Netvsp};
 
 use crate::memory::{GuestRam, PAGE_SIZE};
@@ -83,6 +85,12 @@ pub trait BusDevice: Send {
     fn gpadl_removed(&mut self, _handle: u32) {}
     /// The guest disconnected: every GPADL is gone.
     fn bus_reset(&mut self) {}
+    /// Where the device sets the channel's SynIC event flag before ringing *call* — `(GPA of the
+    /// 32-bit word, bit)` — or `None`: it only rings *call*. `true` once the device applied it
+    /// (the bus may then make *call* an irqfd); `false`: unsupported or refused.
+    fn signal_target(&mut self, _relid: u32, _target: Option<(u64, u32)>) -> bool {
+        false
+    }
     /// `in-process` or `VSP process <pid>`.
     fn hosting(&self) -> String {
         "in-process".into()
@@ -123,6 +131,8 @@ pub struct Hosted<D> {
     device: D,
     desc: DeviceDescription,
     regions: Option<Arc<GuestRegions>>,
+    /// Event-flag target of every open channel (the device's call doorbell reads it).
+    targets: std::collections::HashMap<u32, Arc<FlagTarget>>,
 }
 
 impl<D: HostedDevice + Send> Hosted<D> {
@@ -131,6 +141,7 @@ impl<D: HostedDevice + Send> Hosted<D> {
             device,
             desc,
             regions: None,
+            targets: Default::default(),
         }
     }
 
@@ -157,21 +168,42 @@ impl<D: HostedDevice + Send> BusDevice for Hosted<D> {
     fn open(&mut self, ch: ChannelSetup<'_>) -> Result<(), DeviceError> {
         let (incoming, outgoing) = ch.map_rings()?;
         let memory = self.regions(ch.ram)?;
+        let relid = ch.info.relid;
+        let target = Arc::new(FlagTarget::none());
+        let call = ch.call.with_hook(Arc::new(FlagSetter {
+            target: target.clone(),
+            memory: memory.clone(),
+        }));
         let res = ChannelResources {
             info: ch.info,
             memory,
             incoming,
             outgoing,
             kick: ch.kick,
-            call: ch.call,
+            call,
             gpadls: Default::default(),
             inflight: None,
         };
-        self.device.open(res, &mut NoSubchannels)
+        self.device.open(res, &mut NoSubchannels)?;
+        self.targets.insert(relid, target);
+        Ok(())
     }
 
     fn close(&mut self, relid: u32) {
+        self.targets.remove(&relid);
         self.device.close(relid);
+    }
+
+    fn signal_target(&mut self, relid: u32, target: Option<(u64, u32)>) -> bool {
+        let in_memory = |(gpa, _): (u64, u32)| {
+            self.regions
+                .as_ref()
+                .is_some_and(|r| r.atomic_u32(gpa).is_some())
+        };
+        match self.targets.get(&relid) {
+            Some(t) if target.is_none_or(in_memory) => t.set(target) && target.is_some(),
+            _ => false,
+        }
     }
 }
 
@@ -319,6 +351,16 @@ impl BusDevice for OutOfProcess {
                     handle = gpadl.handle,
                     "VSP process: GPADL not forwarded: {e}"
                 )
+            }
+        }
+    }
+
+    fn signal_target(&mut self, relid: u32, target: Option<(u64, u32)>) -> bool {
+        match self.supervisor.signal_target(relid, target) {
+            Ok(applied) => applied && target.is_some(),
+            Err(e) => {
+                tracing::warn!(relid, "VSP process: signal target: {e}");
+                false
             }
         }
     }

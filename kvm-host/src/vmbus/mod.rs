@@ -12,12 +12,19 @@
 //!   in the kernel: the hypercall page writes the id to [`crate::hyperv::FAST_SIGNAL_PORT`], where
 //!   a KVM ioeventfd per channel (datamatch = connection id) rings the channel's *kick* eventfd
 //!   without a vCPU exit. Other forms (slow, non-zero flag) exit and ring it from the vCPU thread.
-//! - Device → guest interrupts: the bus thread polls every open channel's *call* eventfd and turns
-//!   each ring into [`HostPort::signal_guest`] (SINT 2, event flag = relid) on the channel's target
-//!   VP, like an irqfd. (A KVM irqfd cannot do this by itself: the SynIC's event flag must be set
-//!   in guest memory before the vector is raised, and this KVM has no in-kernel SynIC; the device
-//!   workers would have to set the flag themselves, and they signal through ringbuf's plain
-//!   eventfd `Doorbell`.)
+//! - Device → guest interrupts complete without the VMM while the guest's SynIC allows it (SCONTROL
+//!   and SIEFP enabled, SINT 2 unmasked and not polling, protocol ≥ WIN8): the bus gives the
+//!   device the GPA and bit of the channel's event flag ([`BusDevice::signal_target`]; a hook on
+//!   its call `Doorbell` sets the flag with an atomic OR — [`vmbus_core::oop::irqflag`]) and makes
+//!   the *call* eventfd a KVM irqfd on an MSI route to the target VP's SINT vector. Otherwise (and
+//!   for devices that cannot) the bus thread polls *call* and turns each ring into
+//!   [`HostPort::signal_guest`] (SINT 2, event flag = relid). SynIC register writes, retargets
+//!   and opens re-decide; a switch loses no interrupt: to the bus, the irqfd goes first, then the
+//!   device's target, and the bus re-checks *call*; to the kernel, the target goes first, the bus
+//!   drains *call* itself, registers the irqfd, then sets the flag and raises the SINT once.
+//!   The switch follows a register write by the bus thread's next round (the vCPU thread only
+//!   wakes it), so a device may still set a flag in the old page / raise the old vector for that
+//!   long; guests retarget or close channels before they move or disable the SIEFP or a SINT.
 //!
 //! Devices run in process ([`device::Hosted`] for any [`vmbus_core::oop::HostedDevice`],
 //! [`device::NetvspDevice`]) or in a VSP process ([`device::OutOfProcess`], through
@@ -70,8 +77,10 @@ pub struct BusStats {
     pub busy: AtomicU64,
     /// `HvSignalEvent`s forwarded to a channel's kick eventfd.
     pub kicks: AtomicU64,
-    /// Device interrupts forwarded to the guest.
+    /// Device interrupts forwarded to the guest by the bus thread.
     pub interrupts: AtomicU64,
+    /// Switches of a channel's device interrupts to the in-kernel path (irqfd).
+    pub irqfds: AtomicU64,
     /// Channels opened / closed in devices.
     pub opens: AtomicU64,
     pub closes: AtomicU64,
@@ -88,6 +97,7 @@ pub struct BusCounters {
     pub busy: u64,
     pub kicks: u64,
     pub interrupts: u64,
+    pub irqfds: u64,
     pub opens: u64,
     pub closes: u64,
     pub open_failures: u64,
@@ -103,6 +113,7 @@ impl BusStats {
             busy: l(&self.busy),
             kicks: l(&self.kicks),
             interrupts: l(&self.interrupts),
+            irqfds: l(&self.irqfds),
             opens: l(&self.opens),
             closes: l(&self.closes),
             open_failures: l(&self.open_failures),
@@ -118,6 +129,8 @@ pub(crate) struct BusHandler {
     kicks: RwLock<HashMap<u32, Doorbell>>,
     /// Wakes the bus thread.
     wake: Doorbell,
+    /// A VP changed its SynIC registers: the bus re-decides the interrupt paths.
+    synic_changed: AtomicBool,
     stats: Arc<BusStats>,
 }
 
@@ -139,6 +152,13 @@ impl BusHandler {
 }
 
 impl SynicHandler for BusHandler {
+    fn synic_changed(&self, _vp: u32) {
+        self.synic_changed.store(true, Ordering::SeqCst);
+        if let Err(e) = self.wake.ring() {
+            tracing::warn!("vmbus: waking the bus thread: {e}");
+        }
+    }
+
     fn post_message(
         &self,
         _synic: &Synic,
@@ -236,6 +256,7 @@ impl VmbusHost {
             messages: Mutex::new(VecDeque::new()),
             kicks: RwLock::new(HashMap::new()),
             wake: Doorbell::new()?,
+            synic_changed: AtomicBool::new(false),
             stats: stats.clone(),
         });
         synic.register_port(MESSAGE_CONNECTION_ID, PortKind::Message)?;

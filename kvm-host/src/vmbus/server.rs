@@ -15,7 +15,7 @@ use vmbus_core::wire::{MessageBuf, MessageType};
 use super::device::ChannelSetup;
 use super::{BusHandler, BusStats, Slot, lock};
 use crate::memory::GuestRam;
-use crate::synic::{HostPort, Sint, Synic, SynicError};
+use crate::synic::{EventTarget, HostPort, Sint, Synic, SynicError};
 
 /// How often devices get [`super::BusDevice::service`].
 const SERVICE_INTERVAL: Duration = Duration::from_millis(100);
@@ -31,6 +31,8 @@ struct OpenChannel {
     call: Doorbell,
     /// Guest signals reach the kick eventfd in the kernel (ioeventfd).
     fast: bool,
+    /// Device interrupts reach the guest in the kernel (irqfd handle, the flag target, the VP).
+    irq: Option<(u32, EventTarget, u32)>,
 }
 
 pub(super) struct BusLoop {
@@ -80,6 +82,9 @@ impl BusLoop {
             };
             self.wait(timeout);
             let _ = self.handler.wake.clear();
+            if self.handler.synic_changed.swap(false, Ordering::SeqCst) {
+                self.update_irq_paths();
+            }
             self.forward_interrupts();
             self.handle_messages();
             self.deliver();
@@ -101,7 +106,12 @@ impl BusLoop {
     /// Sleeps until the guest posts, a device calls, or `timeout` passes.
     fn wait(&self, timeout: Duration) {
         let mut fds: Vec<libc::pollfd> = std::iter::once(self.handler.wake.as_fd())
-            .chain(self.open.values().map(|c| c.call.as_fd()))
+            .chain(
+                self.open
+                    .values()
+                    .filter(|c| c.irq.is_none())
+                    .map(|c| c.call.as_fd()),
+            )
             .map(|fd| libc::pollfd {
                 fd: fd.as_raw_fd(),
                 events: libc::POLLIN,
@@ -120,7 +130,7 @@ impl BusLoop {
     /// Every rung call eventfd becomes the channel's event flag + SINT 2 interrupt on its VP.
     fn forward_interrupts(&self) {
         for (&relid, ch) in &self.open {
-            if !matches!(ch.call.clear(), Ok(true)) {
+            if ch.irq.is_some() || !matches!(ch.call.clear(), Ok(true)) {
                 continue;
             }
             self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
@@ -201,6 +211,7 @@ impl BusLoop {
                     if let Some(ch) = self.open.get_mut(&relid) {
                         ch.target_vp = target_vp;
                     }
+                    self.update_irq_path(relid);
                 }
                 HostAction::Reset => {
                     for s in &mut self.slots {
@@ -270,14 +281,19 @@ impl BusLoop {
                 target_vp,
                 call: call_bus,
                 fast,
+                irq: None,
             },
         );
         self.stats.opens.fetch_add(1, Ordering::Relaxed);
         tracing::info!(relid, device = %s.name, hosting = %s.device.hosting(), fast, elapsed = ?t.elapsed(), "vmbus: channel open");
+        self.update_irq_path(relid);
         true
     }
 
     fn close(&mut self, relid: u32) {
+        if let Some((handle, ..)) = self.open.get_mut(&relid).and_then(|c| c.irq.take()) {
+            self.synic.detach_irq(handle);
+        }
         let Some(ch) = self.open.remove(&relid) else {
             return;
         };
@@ -293,6 +309,71 @@ impl BusLoop {
         }
         self.stats.closes.fetch_add(1, Ordering::Relaxed);
         tracing::info!(relid, "vmbus: channel closed");
+    }
+
+    /// Re-decides every open channel's interrupt path (a VP changed its SynIC registers).
+    fn update_irq_paths(&mut self) {
+        let relids: Vec<u32> = self.open.keys().copied().collect();
+        for relid in relids {
+            self.update_irq_path(relid);
+        }
+    }
+
+    /// Moves `relid`'s device interrupts to the kernel (irqfd, the device sets the event flag)
+    /// when the guest's SynIC allows it, back to the bus thread when it no longer does.
+    fn update_irq_path(&mut self, relid: u32) {
+        // Before WIN8 the guest finds signalled channels in the interrupt page, not the SIEF page.
+        let win8 = lock(&self.server)
+            .version()
+            .is_some_and(|v| v as u32 >= vmbus_core::wire::Version::Win8 as u32);
+        let Some(ch) = self.open.get_mut(&relid) else {
+            return;
+        };
+        let vp = ch.target_vp;
+        let want = win8
+            .then(|| self.synic.event_target(vp, Sint::VMBUS, relid))
+            .flatten();
+        if ch.irq.is_some_and(|(_, t, v)| Some(t) == want && v == vp) {
+            return;
+        }
+        let Some(s) = self.slots.get_mut(ch.slot) else {
+            return;
+        };
+        if let Some((handle, ..)) = ch.irq.take() {
+            // To the bus: the kernel stops consuming *call* first, then the device stops setting
+            // the flag; rings in between reach the bus thread, which re-checks *call* next round.
+            self.synic.detach_irq(handle);
+            s.device.signal_target(relid, None);
+            let _ = self.handler.wake.ring();
+        }
+        let Some(t) = want else {
+            return;
+        };
+        if !s.device.signal_target(relid, Some((t.word_gpa, t.bit))) {
+            return;
+        }
+        // Rings from before the device had its target carry no flag: deliver them here.
+        if matches!(ch.call.clear(), Ok(true)) {
+            self.stats.interrupts.fetch_add(1, Ordering::Relaxed);
+            let _ = self.synic.signal_guest(vp, Sint::VMBUS, relid);
+        }
+        let Some(handle) = self.synic.attach_irq(&ch.call, vp, t.vector) else {
+            s.device.signal_target(relid, None);
+            return;
+        };
+        ch.irq = Some((handle, t, vp));
+        self.stats.irqfds.fetch_add(1, Ordering::Relaxed);
+        // A device that read "no target" just before it was set may ring now, into the irqfd,
+        // without the flag: set it and raise the SINT once (the ring's data is already visible).
+        if !matches!(self.synic.signal_guest(vp, Sint::VMBUS, relid), Ok(true)) {
+            self.synic.raise_sint(vp, Sint::VMBUS);
+        }
+        tracing::debug!(
+            relid,
+            vp,
+            handle,
+            "vmbus: device interrupts through an irqfd"
+        );
     }
 
     /// Posts held messages in order; stops at the first the SynIC queue cannot take.

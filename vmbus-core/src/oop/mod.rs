@@ -22,11 +22,16 @@
 //!    channels other than rings (netvsp's receive and send buffers), validated against guest memory
 //!    and shared with the device ([`GpadlTable`]).
 //! 5. `Close {relid}`, `Retarget`, `Save` / `State`, `Restore`; VSP → VMM `OfferSubchannels`.
+//! 6. With feature [`wire::FEATURE_SIGNAL_TARGET`] (both Hellos): `SignalTarget {relid, target}` —
+//!    the GPA and bit of the channel's SynIC event flag, which the VSP sets before writing *call*
+//!    (a KVM irqfd then), or none (the VMM delivers). The VSP refuses a word outside its memory
+//!    table; the VMM resends the targets after a restart ([`irqflag`]).
 //!
 //! Every request is answered by `Reply {request, relid, status}`. Each side validates everything it
 //! receives; a peer that breaks the protocol is disconnected (the VMM then restarts the VSP).
 
 pub mod inflight;
+pub mod irqflag;
 pub mod regions;
 pub mod seccomp;
 pub mod socket;
@@ -36,6 +41,7 @@ pub mod vsp;
 pub mod wire;
 
 pub use inflight::{InflightError, InflightRegion};
+pub use irqflag::{FlagSetter, FlagTarget};
 pub use regions::{GuestRegions, RegionError};
 pub use socket::{Connection, RecvError};
 pub use supervisor::{SOCKET_FD_ENV, Supervisor, SupervisorError, connection_from_env};

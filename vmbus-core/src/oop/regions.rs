@@ -155,6 +155,22 @@ impl GuestRegions {
         ))
     }
 
+    /// The guest's 32-bit word at `gpa` (4-byte aligned, inside one region) for atomic access —
+    /// a SynIC event-flag word the device sets before it interrupts the guest.
+    pub fn atomic_u32(&self, gpa: u64) -> Option<&std::sync::atomic::AtomicU32> {
+        if !gpa.is_multiple_of(4) {
+            return None;
+        }
+        let p = self.host_ptr(gpa, 4).ok()?;
+        if !(p as usize).is_multiple_of(std::mem::align_of::<std::sync::atomic::AtomicU32>()) {
+            return None;
+        }
+        // SAFETY: the 4 bytes lie inside one region mapping that lives as long as `self` (the
+        // borrow is tied to it), the pointer is aligned (checked), and every host access through
+        // the reference is atomic, so the guest writing the word concurrently is no data race here.
+        Some(unsafe { &*(p as *const std::sync::atomic::AtomicU32) })
+    }
+
     fn host_ptr(&self, gpa: u64, len: usize) -> Result<*mut u8, MemoryError> {
         let m = self.find(gpa, len as u64).ok_or(MemoryError::OutOfRange {
             gpa,

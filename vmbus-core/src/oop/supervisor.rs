@@ -30,6 +30,8 @@ struct OpenChannel {
     info: OpenChannelInfo,
     kick: OwnedFd,
     call: OwnedFd,
+    /// The event-flag target last accepted ([`Supervisor::signal_target`]), replayed on restart.
+    target: Option<(u64, u32)>,
 }
 
 /// One supervised VSP process.
@@ -99,6 +101,16 @@ impl Supervisor {
         }
         for ch in self.channels.values() {
             client.open(&ch.info, ch.kick.as_fd(), ch.call.as_fd())?;
+            if ch.target.is_some() && !client.signal_target(ch.info.relid, ch.target)? {
+                // A VSP without the feature only writes *call*; the VMM, which registered it as
+                // an irqfd, would inject without the flag. Refuse it like a broken VSP.
+                return Err(VmmError::Refused {
+                    request: super::wire::ty::SIGNAL_TARGET,
+                    relid: ch.info.relid,
+                    status: 1,
+                }
+                .into());
+            }
         }
         self.client = Some(client);
         Ok(())
@@ -112,7 +124,12 @@ impl Supervisor {
         call: OwnedFd,
     ) -> Result<(), SupervisorError> {
         let relid = info.relid;
-        let ch = OpenChannel { info, kick, call };
+        let ch = OpenChannel {
+            info,
+            kick,
+            call,
+            target: None,
+        };
         let result = match self.client.as_mut() {
             Some(c) => c.open(&ch.info, ch.kick.as_fd(), ch.call.as_fd()),
             None => Ok(()),
@@ -164,6 +181,37 @@ impl Supervisor {
             Some(Err(e)) => {
                 tracing::warn!(error = %e, "VSP failed revoking a GPADL; restarting");
                 self.restart()
+            }
+        }
+    }
+
+    /// Tells the VSP where to set the channel's event flag before writing *call* (`None`: only
+    /// write it), and remembers it for restarts. `Ok(true)` once the VSP applied it; `Ok(false)`
+    /// if it refused or does not speak the message (the VMM keeps delivering the interrupts).
+    pub fn signal_target(
+        &mut self,
+        relid: u32,
+        target: Option<(u64, u32)>,
+    ) -> Result<bool, SupervisorError> {
+        let Some(ch) = self.channels.get_mut(&relid) else {
+            return Ok(false);
+        };
+        let Some(client) = self.client.as_mut() else {
+            return Ok(false);
+        };
+        match client.signal_target(relid, target) {
+            Ok(applied) => {
+                ch.target = if applied { target } else { None };
+                Ok(applied)
+            }
+            Err(VmmError::Refused { .. }) => {
+                ch.target = None;
+                Ok(false)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "VSP failed taking a signal target; restarting");
+                ch.target = None;
+                self.restart().map(|()| false)
             }
         }
     }

@@ -31,6 +31,8 @@ pub struct VspClient {
     timeout: Option<Duration>,
     /// Sub-channel offers the VSP asked for and the VMM has not handled yet.
     subchannel_requests: Vec<u16>,
+    /// Feature bits both sides speak.
+    features: u64,
 }
 
 impl VspClient {
@@ -47,11 +49,12 @@ impl VspClient {
         match msg {
             Message::Hello {
                 version: PROTOCOL_VERSION,
-                ..
+                features,
             } => Ok(VspClient {
                 conn,
                 timeout,
                 subchannel_requests: Vec::new(),
+                features: features & FEATURES,
             }),
             Message::Hello { version, .. } => Err(ProtocolError::Version(version).into()),
             _ => Err(ProtocolError::Unexpected("message before Hello").into()),
@@ -190,6 +193,27 @@ impl VspClient {
         Ok(self
             .conn
             .send(&Message::Retarget { relid, target_vp }, &[])?)
+    }
+
+    /// Feature bits both sides speak.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// Where the VSP sets the channel's event flag before writing *call* (`None`: it only writes
+    /// *call*). `Ok(false)`: the VSP does not speak [`super::wire::FEATURE_SIGNAL_TARGET`].
+    pub fn signal_target(
+        &mut self,
+        relid: u32,
+        target: Option<(u64, u32)>,
+    ) -> Result<bool, VmmError> {
+        if self.features & super::wire::FEATURE_SIGNAL_TARGET == 0 {
+            return Ok(false);
+        }
+        self.conn
+            .send(&Message::SignalTarget { relid, target }, &[])?;
+        self.wait_reply(ty::SIGNAL_TARGET, relid)?;
+        Ok(true)
     }
 
     pub fn save(&mut self) -> Result<Vec<u8>, VmmError> {

@@ -1,6 +1,7 @@
 //! The VSP process side: serve one device over a connection from the VMM.
 
 use super::inflight::InflightRegion;
+use super::irqflag::{FlagSetter, FlagTarget};
 use super::regions::GuestRegions;
 use super::socket::{Connection, RecvError};
 use super::wire::{ChannelOpen, FEATURES, GpadlInfo, Message, PROTOCOL_VERSION, ProtocolError, ty};
@@ -159,6 +160,8 @@ struct Control<'a> {
     device: &'a mut dyn HostedDevice,
     memory: Option<Arc<GuestRegions>>,
     open: BTreeSet<u32>,
+    /// Event-flag target of every open channel (set by `SignalTarget`).
+    targets: BTreeMap<u32, Arc<FlagTarget>>,
     gpadls: Arc<GpadlTable>,
     inflight: Option<Arc<InflightRegion>>,
     /// Set when serving ends: `Ok` when the VMM hung up, `Err` when it broke the protocol.
@@ -178,6 +181,7 @@ impl Control<'_> {
                 for relid in std::mem::take(&mut self.open) {
                     self.device.close(relid);
                 }
+                self.targets.clear();
                 self.outcome = Some(Ok(()));
             }
             Err(e) => self.outcome = Some(Err(e.into())),
@@ -229,17 +233,19 @@ impl Control<'_> {
                 let relid = o.relid;
                 let status = match (&self.memory, self.open.contains(&relid)) {
                     (Some(mem), false) => {
+                        let target = Arc::new(FlagTarget::none());
                         match open_channel(
                             mem,
                             &self.gpadls,
                             self.inflight.as_ref(),
-                            o,
+                            (o, &target),
                             fds,
                             conn,
                             self.device,
                         ) {
                             Ok(()) => {
                                 self.open.insert(relid);
+                                self.targets.insert(relid, target);
                                 status::OK
                             }
                             Err(s) => s,
@@ -251,6 +257,7 @@ impl Control<'_> {
             }
             Message::Close { relid } => {
                 let status = if self.open.remove(&relid) {
+                    self.targets.remove(&relid);
                     self.device.close(relid);
                     status::OK
                 } else {
@@ -280,6 +287,24 @@ impl Control<'_> {
                 if self.open.contains(&relid) {
                     self.device.retarget(relid, target_vp);
                 }
+            }
+            Message::SignalTarget { relid, target } => {
+                // Hostile input: the word must be guest memory of the table (aligned, in one
+                // region) and the channel open; anything else is refused and changes nothing.
+                let in_memory = |(gpa, _): (u64, u32)| {
+                    self.memory
+                        .as_ref()
+                        .is_some_and(|m| m.atomic_u32(gpa).is_some())
+                };
+                let ok = match self.targets.get(&relid) {
+                    Some(t) if target.is_none_or(in_memory) => t.set(target),
+                    _ => false,
+                };
+                if !ok {
+                    tracing::warn!(relid, ?target, "VSP: signal target refused");
+                }
+                let status = if ok { status::OK } else { status::BAD_REQUEST };
+                conn.send(&reply(ty::SIGNAL_TARGET, relid, status), &[])?;
             }
             Message::Save => conn.send(
                 &Message::State {
@@ -349,6 +374,7 @@ pub fn serve(conn: &Connection, device: &mut dyn HostedDevice) -> Result<(), Ser
         device,
         memory: None,
         open: BTreeSet::new(),
+        targets: BTreeMap::new(),
         gpadls: Arc::new(GpadlTable::default()),
         inflight: None,
         outcome: None,
@@ -370,7 +396,7 @@ fn open_channel(
     memory: &Arc<GuestRegions>,
     gpadls: &Arc<GpadlTable>,
     inflight: Option<&Arc<InflightRegion>>,
-    o: ChannelOpen,
+    (o, target): (ChannelOpen, &Arc<FlagTarget>),
     fds: Vec<OwnedFd>,
     conn: &Connection,
     device: &mut dyn HostedDevice,
@@ -406,7 +432,10 @@ fn open_channel(
         incoming,
         outgoing,
         kick: Doorbell::from_fd(kick),
-        call: Doorbell::from_fd(call),
+        call: Doorbell::from_fd(call).with_hook(Arc::new(FlagSetter {
+            target: target.clone(),
+            memory: memory.clone(),
+        })),
         gpadls: gpadls.clone(),
         inflight: inflight.cloned(),
     };

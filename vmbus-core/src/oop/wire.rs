@@ -11,8 +11,10 @@ use alloc::vec::Vec;
 
 /// Protocol version spoken by this crate.
 pub const PROTOCOL_VERSION: u32 = 1;
-/// Feature bits (none defined in version 1; unknown bits are masked off by the handshake).
-pub const FEATURES: u64 = 0;
+/// Feature bit: the VSP takes [`Message::SignalTarget`].
+pub const FEATURE_SIGNAL_TARGET: u64 = 1;
+/// Feature bits this crate speaks (unknown bits are masked off by the handshake).
+pub const FEATURES: u64 = FEATURE_SIGNAL_TARGET;
 /// Largest message: a ring GPADL of 8190 pages plus headers fits.
 pub const MAX_MESSAGE: usize = 80 * 1024;
 /// Most memory regions in a table.
@@ -90,6 +92,12 @@ pub enum Message {
     /// VMM → VSP: the in-flight request journal (one memfd of `size` bytes) that outlives VSP
     /// processes; sent right after [`Message::SetMemory`].
     Inflight { size: u64 },
+    /// VMM → VSP ([`FEATURE_SIGNAL_TARGET`]): set the channel's event flag — `(gpa of the 32-bit
+    /// word, bit)` — before writing *call*, or `None`: only write *call*.
+    SignalTarget {
+        relid: u32,
+        target: Option<(u64, u32)>,
+    },
 }
 
 /// What was wrong with a message from the peer.
@@ -140,6 +148,7 @@ pub mod ty {
     pub const GPADL: u32 = 11;
     pub const GPADL_REVOKE: u32 = 12;
     pub const INFLIGHT: u32 = 13;
+    pub const SIGNAL_TARGET: u32 = 14;
 }
 
 impl Message {
@@ -158,6 +167,7 @@ impl Message {
             Message::Reply { .. } => ty::REPLY,
             Message::State { .. } => ty::STATE,
             Message::Inflight { .. } => ty::INFLIGHT,
+            Message::SignalTarget { .. } => ty::SIGNAL_TARGET,
         }
     }
 
@@ -206,6 +216,13 @@ impl Message {
             Message::Retarget { relid, target_vp } => {
                 put32(&mut b, *relid);
                 put32(&mut b, *target_vp);
+            }
+            Message::SignalTarget { relid, target } => {
+                put32(&mut b, *relid);
+                let (on, gpa, bit) = target.map_or((0, 0, 0), |(g, b)| (1, g, b));
+                put32(&mut b, on);
+                put64(&mut b, gpa);
+                put32(&mut b, bit);
             }
             Message::Gpadl(g) => {
                 put32(&mut b, g.relid);
@@ -312,6 +329,16 @@ impl Message {
                 relid: r.u32()?,
                 target_vp: r.u32()?,
             },
+            ty::SIGNAL_TARGET => {
+                let relid = r.u32()?;
+                let (on, gpa, bit) = (r.u32()?, r.u64()?, r.u32()?);
+                let target = match (on, gpa, bit) {
+                    (0, 0, 0) => None,
+                    (1, g, b) if b < 32 => Some((g, b)),
+                    _ => return Err(ProtocolError::Invalid("signal target")),
+                };
+                Message::SignalTarget { relid, target }
+            }
             ty::GPADL => {
                 let relid = r.u32()?;
                 let handle = r.u32()?;
@@ -485,6 +512,14 @@ mod tests {
                 state: alloc::vec![]
             },
             Message::Inflight { size: 65536 },
+            Message::SignalTarget {
+                relid: 5,
+                target: Some((0x7_0104, 5))
+            },
+            Message::SignalTarget {
+                relid: 5,
+                target: None
+            },
         ]
     }
 
