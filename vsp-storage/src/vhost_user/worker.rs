@@ -532,7 +532,9 @@ impl Worker {
         // completion is reaped, and the queue (a field dropped before `pending`) waits for all
         // in-flight operations when dropped. The guest changing the buffer meanwhile only
         // affects its own data.
-        match unsafe { aq.submit_vectored(u64::from(head), offset, iov, req.kind == Kind::Out) } {
+        let submitted =
+            unsafe { aq.submit_vectored(u64::from(head), offset, iov, req.kind == Kind::Out) };
+        match submitted {
             Ok(()) => Ok(Some(mem.into_inner())),
             Err(BlockError::Unsupported) => Ok(None),
             Err(e) => Err(e),
