@@ -527,13 +527,13 @@ impl Worker {
                 iov_len: d.len as usize,
             });
         }
+        let (tag, write) = (u64::from(head), req.kind == Kind::Out);
         // SAFETY: every iovec lies inside a mapping of `mem` (checked by `get_slice`); the Arc
         // returned here is stored with the pending request, so the mapping stays until the
         // completion is reaped, and the queue (a field dropped before `pending`) waits for all
         // in-flight operations when dropped. The guest changing the buffer meanwhile only
         // affects its own data.
-        let submitted =
-            unsafe { aq.submit_vectored(u64::from(head), offset, iov, req.kind == Kind::Out) };
+        let submitted = unsafe { aq.submit_vectored(tag, offset, iov, write) };
         match submitted {
             Ok(()) => Ok(Some(mem.into_inner())),
             Err(BlockError::Unsupported) => Ok(None),
