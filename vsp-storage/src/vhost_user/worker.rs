@@ -528,11 +528,10 @@ impl Worker {
             });
         }
         let (tag, write) = (u64::from(head), req.kind == Kind::Out);
-        // SAFETY: every iovec lies inside a mapping of `mem` (checked by `get_slice`); the Arc
-        // returned here is stored with the pending request, so the mapping stays until the
-        // completion is reaped, and the queue (a field dropped before `pending`) waits for all
-        // in-flight operations when dropped. The guest changing the buffer meanwhile only
-        // affects its own data.
+        // The Arc returned below is stored with the pending request, and the queue (dropped before
+        // `pending`) waits for in-flight operations; a guest changing the buffer hurts only itself.
+        // SAFETY: every iovec lies in a mapping of `mem` (checked by `get_slice`) that outlives
+        // the operation, as explained above.
         let submitted = unsafe { aq.submit_vectored(tag, offset, iov, write) };
         match submitted {
             Ok(()) => Ok(Some(mem.into_inner())),
